@@ -1,0 +1,27 @@
+"""Test set-up: without a GPU, Triton kernels run through the interpreter on the CPU.
+
+TRITON_INTERPRET must be set before any kernel module is imported (triton.jit reads it at decoration
+time), hence here, at collection start.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def kernel_device() -> torch.device:
+    """Where kernel tests run: the GPU when present, else the CPU through Triton's interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
