@@ -1,0 +1,77 @@
+"""Checkpoints, one job: save atomically, find the newest valid one, load it.
+
+A run folder holds `ckpt_<step>.pt` files and `checkpoints.json`, a manifest with each file's size and
+sha256. A file is written under a temporary name, fsynced and renamed before the manifest names it, so
+a crash leaves either the old or the new checkpoint, never a torn one; a latest checkpoint that fails its
+size or hash check is skipped with a warning and the previous one used.
+"""
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from charlm.io import atomic_write, atomic_write_text
+
+MANIFEST = "checkpoints.json"
+FORMAT = 1  # bump when the checkpoint layout changes incompatibly
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_manifest(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        return []
+    try:
+        return json.loads(path.read_text())["checkpoints"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint manifest: {e}") from e
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 3) -> Path:
+    """Write ckpt_<step>.pt atomically, record it in the manifest, and delete all but the newest `keep`."""
+    run_dir = Path(run_dir)
+    path = run_dir / f"ckpt_{step:08d}.pt"
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, "step": step, **state}, f))
+    entries = [e for e in _read_manifest(run_dir) if e["step"] != step]
+    entries.append({"file": path.name, "step": step, "bytes": path.stat().st_size, "sha256": _sha256(path)})
+    entries.sort(key=lambda e: e["step"])
+    stale, entries = entries[:-keep], entries[-keep:]
+    atomic_write_text(run_dir / MANIFEST, json.dumps({"checkpoints": entries}, indent=1) + "\n")
+    for e in stale:
+        (run_dir / e["file"]).unlink(missing_ok=True)
+    return path
+
+
+def _is_intact(run_dir: Path, entry: dict) -> bool:
+    path = Path(run_dir) / entry["file"]
+    return path.is_file() and path.stat().st_size == entry["bytes"] and _sha256(path) == entry["sha256"]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that passes its size and hash check, or None if the run has none."""
+    for entry in reversed(_read_manifest(run_dir)):
+        if _is_intact(run_dir, entry):
+            return Path(run_dir) / entry["file"]
+        warnings.warn(f"checkpoint {Path(run_dir) / entry['file']} is missing or corrupt; trying an older one")
+    return None
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {state.get('format')} is not supported "
+                              f"(this charlm reads format {FORMAT})")
+    return state

@@ -1,0 +1,235 @@
+"""Prepare datasets: enwik8 (downloaded or from a local file) or any text file, into a dataset folder.
+
+    python -m charlm.data enwik8                            # download, verify, write data/enwik8/
+    python -m charlm.data enwik8 --from-file ~/enwik8.zip   # offline: a local enwik8 or enwik8.zip
+    python -m charlm.data enwik8 --tokenization unicode     # the report's code-point vocabulary
+    python -m charlm.data text notes.txt --name notes       # any UTF-8 or binary file
+
+A dataset folder holds train.bin, val.bin, test.bin (raw tokens, no header: uint8 for `bytes`, uint16
+for `unicode`) and meta.json. It is written under a temporary name and renamed when complete, so a
+crash never leaves a half-written dataset.
+"""
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+import urllib.request
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from charlm.io import atomic_dir, atomic_write_text
+
+ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
+ENWIK8_BYTES = 100_000_000
+ENWIK8_SHA256 = "2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8"  # of the unzipped file
+SPLIT_FRACTIONS = (0.9, 0.05, 0.05)  # for enwik8's 100M bytes: 90M / 5M / 5M, the standard split
+SPLITS = ("train", "val", "test")
+FORMAT = 1
+
+
+class DataError(ValueError):
+    """A source file or dataset folder is not what was expected."""
+
+
+def read_source(path: Path) -> bytes:
+    """The bytes of a text file, or of the single member of a zip archive."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                members = [m for m in zf.infolist() if not m.is_dir()]
+                if len(members) != 1:
+                    raise DataError(f"{path}: expected a zip with one file, found {len(members)}")
+                return zf.read(members[0])
+        except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: not a readable zip archive (truncated or corrupt?): {e}") from e
+    if path.suffix == ".zip":
+        raise DataError(f"{path}: named .zip but is not a zip archive")
+    return path.read_bytes()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def download(url: str, dest: Path) -> Path:
+    """Download url to dest with a progress bar; the file appears under its name only when complete."""
+    from tqdm import tqdm
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", delete=False) as tmp:
+        try:
+            with urllib.request.urlopen(url) as resp:
+                total = int(resp.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {url}") as bar:
+                    while chunk := resp.read(1 << 20):
+                        tmp.write(chunk)
+                        bar.update(len(chunk))
+        except BaseException:
+            Path(tmp.name).unlink(missing_ok=True)
+            raise
+    Path(tmp.name).replace(dest)
+    return dest
+
+
+def encode(data: bytes, tokenization: str) -> tuple[np.ndarray, list[int] | None]:
+    """Token ids and, for `unicode`, the code-point table (token id -> code point)."""
+    if tokenization == "bytes":
+        return np.frombuffer(data, dtype=np.uint8), None
+    if tokenization != "unicode":
+        raise DataError(f"tokenization must be bytes or unicode, got {tokenization!r}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"unicode tokenization needs UTF-8 text: {e}; use --tokenization bytes") from e
+    code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    chars, ids = np.unique(code_points, return_inverse=True)
+    if len(chars) > np.iinfo(np.uint16).max + 1:
+        raise DataError(f"{len(chars)} distinct characters do not fit uint16 token ids")
+    return ids.astype(np.uint16), chars.tolist()
+
+
+def split_bounds(n: int) -> tuple[int, int]:
+    """Ends of train and val: [0, a) train, [a, b) val, [b, n) test."""
+    return int(n * SPLIT_FRACTIONS[0]), int(n * (SPLIT_FRACTIONS[0] + SPLIT_FRACTIONS[1]))
+
+
+def prepare(data: bytes, out_dir: Path, tokenization: str = "bytes", source: dict | None = None) -> dict:
+    """Tokenize, split and write a dataset folder atomically. Returns its meta."""
+    tokens, chars = encode(data, tokenization)
+    a, b = split_bounds(len(tokens))
+    if min(a, b - a, len(tokens) - b) <= 0:
+        raise DataError(f"{len(tokens)} tokens are too few to split into non-empty train/val/test")
+    parts = {"train": tokens[:a], "val": tokens[a:b], "test": tokens[b:]}
+    meta = {
+        "format": FORMAT,
+        "tokenization": tokenization,
+        "dtype": str(tokens.dtype),
+        "vocab_size": 256 if chars is None else len(chars),
+        "chars": chars,
+        "splits": {name: len(part) for name, part in parts.items()},
+        "source": {"sha256": sha256(data), "bytes": len(data), **(source or {})},
+    }
+    with atomic_dir(out_dir) as tmp:
+        for name, part in parts.items():
+            part.tofile(tmp / f"{name}.bin")
+        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def encode_text(text: str, meta: dict) -> list[int]:
+    """Token ids of a prompt under a dataset's tokenization; unknown characters are an error."""
+    if meta["tokenization"] == "bytes":
+        return list(text.encode("utf-8"))
+    index = {cp: i for i, cp in enumerate(meta["chars"])}
+    unknown = sorted({ch for ch in text if ord(ch) not in index})
+    if unknown:
+        raise DataError(f"characters not in the dataset's vocabulary: {''.join(unknown)!r}")
+    return [index[ord(ch)] for ch in text]
+
+
+def decode_tokens(ids, meta: dict) -> str:
+    if meta["tokenization"] == "bytes":
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+    return "".join(chr(meta["chars"][int(i)]) for i in ids)
+
+
+def load_meta(data_dir: Path) -> dict:
+    """A prepared dataset's meta.json, checked against its token files."""
+    data_dir = Path(data_dir)
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"no prepared dataset at {data_dir}: prepare it with `{prepare_command(data_dir)}`")
+    meta = json.loads(meta_path.read_text())
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split, n in meta["splits"].items():
+        path = data_dir / f"{split}.bin"
+        size = path.stat().st_size if path.is_file() else None
+        if size != n * itemsize:
+            raise DataError(f"{path}: expected {n * itemsize} bytes ({n} tokens), found "
+                            f"{'no file' if size is None else size}; prepare it again with `{prepare_command(data_dir)}`")
+    return meta
+
+
+def prepare_command(data_dir: Path) -> str:
+    name = Path(data_dir).name
+    if name == "enwik8":
+        return "python -m charlm.data enwik8"
+    if name == "enwik8-unicode":
+        return "python -m charlm.data enwik8 --tokenization unicode"
+    return f"python -m charlm.data text PATH --name {name}"
+
+
+def is_prepared(out_dir: Path, tokenization: str, expected_sha256: str | None) -> bool:
+    try:
+        meta = load_meta(out_dir)
+    except DataError:
+        return False
+    return meta["tokenization"] == tokenization and expected_sha256 in (None, meta["source"]["sha256"])
+
+
+def prepare_enwik8(data_root: Path, tokenization: str = "bytes", from_file: Path | None = None,
+                   url: str = ENWIK8_URL, name: str | None = None) -> Path:
+    out_dir = Path(data_root) / (name or ("enwik8" if tokenization == "bytes" else "enwik8-unicode"))
+    if is_prepared(out_dir, tokenization, ENWIK8_SHA256):
+        print(f"{out_dir} is already prepared; nothing to do")
+        return out_dir
+    if from_file is None:
+        from_file = Path(data_root) / "downloads" / "enwik8.zip"
+        if not from_file.is_file():
+            download(url, from_file)
+    data = read_source(from_file)
+    if len(data) != ENWIK8_BYTES or sha256(data) != ENWIK8_SHA256:
+        raise DataError(f"{from_file}: not enwik8: expected {ENWIK8_BYTES} bytes with sha256 {ENWIK8_SHA256}, "
+                        f"got {len(data)} bytes with sha256 {sha256(data)}")
+    meta = prepare(data, out_dir, tokenization, {"name": "enwik8", "path": str(from_file)})
+    print(f"wrote {out_dir}: {meta['splits']} tokens, vocab {meta['vocab_size']}")
+    return out_dir
+
+
+def prepare_text(path: Path, name: str, data_root: Path, tokenization: str = "bytes") -> Path:
+    out_dir = Path(data_root) / name
+    data = read_source(path)
+    if is_prepared(out_dir, tokenization, sha256(data)):
+        print(f"{out_dir} is already prepared from this file; nothing to do")
+        return out_dir
+    meta = prepare(data, out_dir, tokenization, {"name": name, "path": str(path)})
+    print(f"wrote {out_dir}: {meta['splits']} tokens, vocab {meta['vocab_size']}")
+    return out_dir
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m charlm.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    e8 = sub.add_parser("enwik8", help="download (or read) enwik8, verify it and prepare it")
+    e8.add_argument("--from-file", type=Path, help="a local enwik8 or enwik8.zip instead of downloading")
+    e8.add_argument("--url", default=ENWIK8_URL, help="where to download enwik8.zip from")
+    e8.add_argument("--name", help="dataset folder name (default enwik8, or enwik8-unicode)")
+    text = sub.add_parser("text", help="prepare any UTF-8 or binary file")
+    text.add_argument("path", type=Path)
+    text.add_argument("--name", required=True, help="dataset folder name under --data-root")
+    for p in (e8, text):
+        p.add_argument("--tokenization", choices=["bytes", "unicode"], default="bytes")
+        p.add_argument("--data-root", type=Path, default=Path("data"))
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "enwik8":
+            prepare_enwik8(args.data_root, args.tokenization, args.from_file, args.url, args.name)
+        else:
+            prepare_text(args.path, args.name, args.data_root, args.tokenization)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
