@@ -40,19 +40,46 @@ def _read_manifest(run_dir: Path) -> list[dict]:
         raise CheckpointError(f"{path}: unreadable checkpoint manifest: {e}") from e
 
 
+def _write_manifest(run_dir: Path, entries: list[dict], best: dict | None) -> None:
+    manifest = {"checkpoints": entries, "best": best}
+    atomic_write_text(Path(run_dir) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def _write(path: Path, step: int, state: dict) -> dict:
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, "step": step, **state}, f))
+    return {"file": path.name, "step": step, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
 def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 3) -> Path:
     """Write ckpt_<step>.pt atomically, record it in the manifest, and delete all but the newest `keep`."""
     run_dir = Path(run_dir)
     path = run_dir / f"ckpt_{step:08d}.pt"
-    atomic_write(path, lambda f: torch.save({"format": FORMAT, "step": step, **state}, f))
-    entries = [e for e in _read_manifest(run_dir) if e["step"] != step]
-    entries.append({"file": path.name, "step": step, "bytes": path.stat().st_size, "sha256": _sha256(path)})
+    entries = [e for e in _read_manifest(run_dir) if e["step"] != step] + [_write(path, step, state)]
     entries.sort(key=lambda e: e["step"])
     stale, entries = entries[:-keep], entries[-keep:]
-    atomic_write_text(run_dir / MANIFEST, json.dumps({"checkpoints": entries}, indent=1) + "\n")
+    _write_manifest(run_dir, entries, _read_best(run_dir))
     for e in stale:
         (run_dir / e["file"]).unlink(missing_ok=True)
     return path
+
+
+def save_best(run_dir: Path, step: int, state: dict, val_bpc: float) -> Path:
+    """Write best.pt: the weights with the lowest val estimate so far (checkpoints are selected on val)."""
+    run_dir = Path(run_dir)
+    entry = {**_write(run_dir / "best.pt", step, state), "val_bpc": val_bpc}
+    _write_manifest(run_dir, _read_manifest(run_dir), entry)
+    return run_dir / "best.pt"
+
+
+def _read_best(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / MANIFEST
+    return json.loads(path.read_text()).get("best") if path.is_file() else None
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """best.pt if it is intact, else None."""
+    entry = _read_best(run_dir)
+    return Path(run_dir) / entry["file"] if entry and _is_intact(run_dir, entry) else None
 
 
 def _is_intact(run_dir: Path, entry: dict) -> bool:

@@ -20,7 +20,7 @@ VARIANTS: dict[str, dict] = {
 
 # Size presets, applied after the variants: `tiny` is for CPU smoke runs and tests.
 PRESETS: dict[str, dict] = {
-    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "batch_size": 16, "dropout": 0.0,
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "dropout": 0.0,
              "learning_rate": 3e-3, "warmup_iters": 10, "eval_interval": 25, "eval_iters": 8},
 }
 
@@ -30,6 +30,7 @@ class Config:
     # data
     dataset: str = "enwik8"  # prepared dataset: a folder under data_root (see charlm.data)
     data_root: str = "data"  # where prepared datasets live
+    category: str = ""  # train on one topic subset only: "<method>/<name>" (see charlm.categorize)
     # model (nanoGPT's names)
     n_layer: int = 16  # transformer blocks
     n_head: int = 8  # attention heads; must divide n_embd
@@ -67,12 +68,14 @@ class Config:
     log_interval: int = 10  # steps between metrics.jsonl rows
     ckpt_interval: int = 0  # steps between checkpoints; 0: every eval_interval
     keep_checkpoints: int = 3  # newest checkpoints kept on disk
+    max_bad_steps: int = 10  # consecutive non-finite losses (each skipped) before the run stops
     seed: int = 0  # seeds the model init and the data order
     # run
     out_dir: str = ""  # run folder; "": runs/<variant>[-<preset>]
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_memory_gb: float = 0.0  # cap this process's GPU memory (emulate a smaller card); 0: the whole card
     resume: bool = False  # continue from the run folder's latest checkpoint
+    init_from: str = ""  # start from this checkpoint's weights (fine-tuning); optimizer and LR schedule start fresh
     plan_only: bool = False  # print the memory plan and exit
     variant: str = "base"  # comma-separated VARIANTS, e.g. deep,rope
     preset: str = ""  # a PRESETS entry, applied after the variants

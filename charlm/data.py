@@ -160,6 +160,21 @@ def load_meta(data_dir: Path) -> dict:
     return meta
 
 
+def category_spans(data_dir: Path, category: str, split: str) -> np.ndarray:
+    """Rows (start, length, category id) of one topic subset of a split; category is "<method>/<name>"."""
+    method, _, name = category.partition("/")
+    folder = Path(data_dir) / "categories" / method
+    index_path = folder / "categories.json"
+    if not index_path.is_file():
+        raise DataError(f"no categorisation {method!r} at {folder}: run `python -m charlm.categorize "
+                        f"{Path(data_dir).name} --method {method}`")
+    names = [c["name"] for c in json.loads(index_path.read_text())["categories"]]
+    if name not in names:
+        raise DataError(f"category {name!r} is not one of {method}'s: {', '.join(names)}")
+    spans = np.load(folder / f"spans_{split}.npy")
+    return spans[spans[:, 2] == names.index(name)]
+
+
 def prepare_command(data_dir: Path) -> str:
     name = Path(data_dir).name
     if name == "enwik8":

@@ -1,0 +1,156 @@
+"""Bits per character of a trained run on the full val and test splits, every character scored once.
+
+    python -m charlm.eval runs/NAME                 # newest checkpoint, windows of block_size
+    python -m charlm.eval runs/NAME --stride 128    # overlapping windows: each scored char sees >= T-128 context
+
+Windows of block_size tokens slide by `stride`; the first window scores all its predictions, each later
+one only its last `stride` (so every character after the first is predicted exactly once, with at least
+block_size - stride characters of context). Only next-character loss counts, whatever the variant.
+Writes RUN/eval.json with val_bpc and test_bpc.
+
+    python -m charlm.eval runs/NAME --category keywords/Science   # one topic subset (charlm.categorize)
+
+With --category, each span of the subset is scored as a document of its own (every character after its
+first, with context from the span only) and the result goes to RUN/eval_<method>_<category>.json.
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from charlm.checkpoint import best_checkpoint, latest_checkpoint, load_checkpoint
+from charlm.config import Config
+from charlm.categorize import category_slug
+from charlm.data import DataError, category_spans, load_meta
+from charlm.io import atomic_write_text
+from charlm.model import GPT
+from charlm.train import autocast, dataset_dir
+
+LN2 = math.log(2)
+
+
+def load_model(run_dir: Path, device: torch.device, checkpoint: Path | None = None) -> tuple[GPT, Config, int]:
+    """The run's model from its newest intact (or the given) checkpoint, in eval mode."""
+    path = best_checkpoint(run_dir) if str(checkpoint) == "best" else checkpoint or latest_checkpoint(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint found (train it first with python -m charlm.train)")
+    state = load_checkpoint(path, map_location=device)
+    cfg = Config(**{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__})
+    model = GPT(cfg).to(device)
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg, state["step"]
+
+
+def scoring_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int]]:
+    """(start, first scored offset) per window so that targets 1 .. n_tokens - 1 are each scored once.
+
+    A window at `start` predicts tokens start+1 .. start+T; it scores offsets `first` .. T-1.
+    """
+    if not 0 < stride <= block_size:
+        raise ValueError(f"stride must be in 1..block_size ({block_size}), got {stride}")
+    T = min(block_size, n_tokens - 1)
+    if T < 1:
+        raise ValueError(f"a split of {n_tokens} tokens has nothing to score")
+    windows, scored = [], 0  # targets 1..scored are done
+    while scored < n_tokens - 1:
+        end = min(max(scored + stride, T), n_tokens - 1)  # last target this window scores
+        start = end - T
+        windows.append((start, scored - start))
+        scored = end
+    return windows
+
+
+@torch.no_grad()
+def split_bpc(model: GPT, tokens: np.ndarray, block_size: int, stride: int, batch_size: int,
+              device: torch.device, amp, desc: str = "") -> tuple[float, int]:
+    """(BPC, characters scored) of a token array; the sum of losses is accumulated in float64."""
+    windows = scoring_windows(len(tokens), block_size, stride)
+    T = min(block_size, len(tokens) - 1)
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    for i in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False):
+        chunk = windows[i:i + batch_size]
+        rows = np.stack([tokens[s:s + T + 1] for s, _ in chunk]).astype(np.int64)
+        x, y = torch.from_numpy(rows[:, :-1]).to(device), torch.from_numpy(rows[:, 1:]).to(device)
+        with amp:
+            logits = model.lm_head(model.hidden(x))
+        nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # (B, T)
+        first = torch.tensor([f for _, f in chunk], device=device)
+        mask = torch.arange(T, device=device)[None, :] >= first[:, None]
+        total += (nll * mask).sum(dtype=torch.float64)
+        count += int(mask.sum())
+    return total.item() / count / LN2, count
+
+
+def spans_bpc(model: GPT, tokens: np.ndarray, spans: np.ndarray, block_size: int, stride: int, batch_size: int,
+              device: torch.device, amp, desc: str = "") -> tuple[float, int]:
+    """(BPC, characters scored) over spans (rows start, length[, ...]) of a token array, each scored by
+    split_bpc as a document of its own; spans of fewer than 2 tokens have nothing to score."""
+    bits, count = 0.0, 0
+    for start, length in tqdm(spans[:, :2].tolist(), desc=desc, unit="span"):
+        if length >= 2:
+            bpc, n = split_bpc(model, tokens[start:start + length], block_size, stride, batch_size, device, amp)
+            bits, count = bits + bpc * n, count + n
+    if count == 0:
+        raise ValueError(f"{desc or 'spans'}: no span holds a character to score")
+    return bits / count, count
+
+
+def eval_filename(category: str = "") -> str:
+    """eval.json, or eval_<method>_<category slug>.json for a topic subset "<method>/<name>"."""
+    method, _, name = category.partition("/")
+    return f"eval_{method}_{category_slug(name)}.json" if category else "eval.json"
+
+
+def evaluate(run_dir: Path, stride: int = 0, batch_size: int = 32, device: str = "auto",
+             splits: tuple[str, ...] = ("val", "test"), checkpoint: Path | None = None, category: str = "") -> dict:
+    run_dir = Path(run_dir)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    model, cfg, step = load_model(run_dir, dev, checkpoint)
+    data_dir = dataset_dir(cfg)
+    meta = load_meta(data_dir)
+    if meta["vocab_size"] != cfg.vocab_size:
+        raise DataError(f"{data_dir} has vocab {meta['vocab_size']} but the model was trained on {cfg.vocab_size}")
+    stride = stride or cfg.block_size
+    result = {"step": step, "stride": stride, "block_size": cfg.block_size, "dataset": str(data_dir)}
+    if category:
+        result["category"] = category
+    for split in splits:
+        tokens = np.memmap(data_dir / f"{split}.bin", dtype=meta["dtype"], mode="r")
+        args = (cfg.block_size, stride, batch_size, dev, autocast(cfg, dev), split)
+        if category:
+            bpc, count = spans_bpc(model, tokens, category_spans(data_dir, category, split), *args)
+        else:
+            bpc, count = split_bpc(model, tokens, *args)
+        result[f"{split}_bpc"], result[f"{split}_chars"] = bpc, count
+    atomic_write_text(run_dir / eval_filename(category), json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m charlm.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="a run folder written by charlm.train")
+    parser.add_argument("--stride", type=int, default=0, help="window stride in tokens (default: block_size)")
+    parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="a checkpoint file, or 'best' for the one with the lowest val estimate (default: the newest)")
+    parser.add_argument("--category", default="", help="only this topic subset, as METHOD/NAME (charlm.categorize)")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate(args.run_dir, args.stride, args.batch_size, args.device, checkpoint=args.checkpoint,
+                          category=args.category)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    for split in ("val", "test"):
+        print(f"{split} bpc {result[f'{split}_bpc']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

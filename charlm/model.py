@@ -1,0 +1,193 @@
+"""The GPT decoder of the report's conditions, in one file.
+
+BASE: pre-norm LayerNorm blocks, causal self-attention, GELU MLP (4x), learned absolute positions,
+untied input and output embeddings. ROPE: rotary q/k instead of learned positions. TIPA: an auxiliary
+head predicting the reverse position (DESIGN.md) of the next token. DEEP is only a bigger config.
+
+Attention and RoPE implementations are switchable (`attn`, `rope_impl`) so the Triton kernels of
+charlm.kernels plug in without touching the model.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from charlm.config import Config
+from charlm.kernels.flash_attn import attention_reference, flash_attn
+from charlm.kernels.rope import apply_rope, rope_reference
+
+
+def sdpa_attention(q, k, v):
+    """(B, T, H, D) in and out; SDPA wants heads before time, which transposed views give for free."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return y.transpose(1, 2)
+
+
+ATTENTION = {
+    "sdpa": sdpa_attention,
+    "triton": flash_attn,
+    "naive": attention_reference,  # explicit masked softmax, nanoGPT's fallback path
+}
+ROPE = {"torch": rope_reference, "triton": apply_rope}
+
+
+def pick_impls(cfg: Config, device: torch.device | None = None) -> tuple[str, str]:
+    """Resolve `auto` attention/RoPE choices for a device.
+
+    SDPA and the PyTorch RoPE stay the CUDA defaults until the Triton kernels have been checked on a GPU
+    (bench/attn.py, bench/rope.py); `--attn triton --rope-impl triton` selects them explicitly.
+    """
+    attn = "sdpa" if cfg.attn == "auto" else cfg.attn
+    rope = "torch" if cfg.rope_impl == "auto" else cfg.rope_impl
+    return attn, rope
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.rope_theta = cfg.rope_theta if cfg.pos_embedding == "rope" else None
+        attn, rope = pick_impls(cfg)
+        self.attend, self.rotate = ATTENTION[attn], ROPE[rope]
+        # The Triton kernel rotates q and k as it loads them: no separate RoPE pass.
+        self.fused_rope = attn == "triton" and self.rope_theta is not None
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each (B, T, H, D), strided
+        if self.fused_rope:
+            y = flash_attn(q, k, v, causal=True, rope_theta=self.rope_theta)
+        else:
+            if self.rope_theta is not None:
+                q, k = self.rotate(q, k, self.rope_theta)
+            y = self.attend(q, k, v)
+        return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("GPT: vocab_size must be set (it comes from the dataset's meta.json)")
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_embedding == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.tipa_head = nn.Linear(cfg.n_embd, cfg.tipa_max + 1, bias=False) if cfg.tipa else None
+        self.checkpoint_layers = max(cfg.checkpoint_layers, 0)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; position embeddings excluded by default, as in nanoGPT."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
+
+    def hidden(self, idx):
+        """Final hidden states (B, T, C), after the last LayerNorm, of token ids idx (B, T)."""
+        T = idx.shape[1]
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            use_ckpt = i < self.checkpoint_layers and self.training
+            x = checkpoint(block, x, use_reentrant=False) if use_ckpt else block(x)
+        return self.ln_f(x)
+
+    def forward(self, idx, targets=None, tipa_targets=None):
+        """idx, targets, tipa_targets: (B, T) int64. Returns (logits, lm_loss, tipa_loss).
+
+        Without targets only the last position's logits are computed (generation). lm_loss is the mean
+        next-token cross-entropy in nats; tipa_loss is None unless the model has a TIPA head and targets.
+        """
+        x = self.hidden(idx)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None, None
+        logits = self.lm_head(x)
+        lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        tipa_loss = None
+        if self.tipa_head is not None and tipa_targets is not None:
+            tipa_logits = self.tipa_head(x).float()
+            tipa_loss = F.cross_entropy(tipa_logits.view(-1, tipa_logits.size(-1)), tipa_targets.view(-1))
+        return logits, lm_loss, tipa_loss
+
+    def configure_optimizer(self, cfg: Config) -> torch.optim.AdamW:
+        """AdamW with weight decay on matrices only (embeddings and linear weights).
+
+        Fused on every device: besides being fastest, the fused step takes a `found_inf` flag, which lets
+        the trainer skip a non-finite step without a host sync.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                 fused=True)
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6N for the matmuls of the weights plus 6 * L * T * C for causal attention.
+
+        Attention scores and values cost 2 * 2 * T * C per token and layer forward for full attention;
+        causal masking halves it, and backward is twice forward: 3 * 2 * T * C * L = 6 * L * T * C.
+        """
+        n, cfg = self.num_params(), self.cfg
+        return 6 * n + 6 * cfg.n_layer * cfg.block_size * cfg.n_embd
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
+        """Sample max_new_tokens tokens after idx (B, T), cropping the context to block_size."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.cfg.block_size:]
+            logits, _, _ = self(context)
+            logits = logits[:, -1, :] / max(temperature, 1e-6)
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, next_token), dim=1)
+        return idx

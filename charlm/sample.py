@@ -1,0 +1,52 @@
+"""Generate text from a trained run.
+
+    python -m charlm.sample runs/NAME --prompt "The history of " --max-new-tokens 500
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from charlm.data import DataError, decode_tokens, encode_text, load_meta
+from charlm.eval import load_model
+from charlm.train import autocast, dataset_dir
+
+
+def sample(run_dir: Path, prompt: str, max_new_tokens: int = 500, temperature: float = 0.8,
+           top_k: int | None = None, num_samples: int = 1, seed: int = 0, device: str = "auto") -> list[str]:
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    model, cfg, _ = load_model(Path(run_dir), dev)
+    meta = load_meta(dataset_dir(cfg))
+    ids = encode_text(prompt, meta) or [0]
+    torch.manual_seed(seed)
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
+    with autocast(cfg, dev):
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
+    return [decode_tokens(row.tolist(), meta) for row in out]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m charlm.sample", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--prompt", default="\n")
+    parser.add_argument("--max-new-tokens", type=int, default=500)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    try:
+        texts = sample(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                       args.num_samples, args.seed, args.device)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    for text in texts:
+        print(text)
+        print("-" * 40)
+
+
+if __name__ == "__main__":
+    main()

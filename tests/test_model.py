@@ -1,0 +1,105 @@
+import math
+
+import pytest
+import torch
+
+from charlm.config import resolve
+from charlm.model import GPT
+
+VARIANTS = ["base", "rope", "tipa", "deep", "deep,rope", "rope,tipa", "deep,rope,tipa"]
+
+
+def tiny(variant="base", **overrides):
+    overrides = {"vocab_size": 37, "n_layer": 2, "n_embd": 32, "n_head": 4, "block_size": 16, **overrides}
+    return resolve(variant, "tiny", **overrides)
+
+
+def batch(cfg, B=3, T=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = T or cfg.block_size
+    x = torch.randint(cfg.vocab_size, (B, T), generator=g)
+    y = torch.randint(cfg.vocab_size, (B, T), generator=g)
+    t = torch.randint(cfg.tipa_max + 1, (B, T), generator=g)
+    return x, y, t
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_backward_shapes(variant):
+    cfg = tiny(variant)
+    model = GPT(cfg)
+    x, y, t = batch(cfg)
+    logits, lm_loss, tipa_loss = model(x, y, t)
+    assert logits.shape == (3, cfg.block_size, cfg.vocab_size)
+    assert (tipa_loss is not None) == cfg.tipa
+    loss = lm_loss + (tipa_loss if tipa_loss is not None else 0)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    # a fresh model predicts about uniformly
+    assert abs(lm_loss.item() - math.log(cfg.vocab_size)) < 0.5
+    assert (model.wpe is None) == (cfg.pos_embedding == "rope")
+
+
+@pytest.mark.parametrize("variant", ["base", "rope"])
+def test_attention_implementations_agree(variant):
+    x, y, _ = batch(tiny(variant))
+    outputs = {}
+    for attn in ("sdpa", "naive"):
+        torch.manual_seed(0)
+        model = GPT(tiny(variant, attn=attn)).eval()
+        outputs[attn] = model(x, y)[0]
+    torch.testing.assert_close(outputs["sdpa"], outputs["naive"], rtol=1e-5, atol=1e-5)
+
+
+def test_model_is_causal():
+    cfg = tiny("rope")
+    model = GPT(cfg).eval()
+    x, _, _ = batch(cfg)
+    x2 = x.clone()
+    x2[:, 10:] = (x2[:, 10:] + 1) % cfg.vocab_size
+    h1, h2 = model.hidden(x), model.hidden(x2)
+    torch.testing.assert_close(h1[:, :10], h2[:, :10])
+    assert not torch.allclose(h1[:, 10:], h2[:, 10:])
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    x, y, _ = batch(tiny())
+    grads = []
+    for layers in (0, 2):
+        torch.manual_seed(0)
+        model = GPT(tiny(checkpoint_layers=layers, dropout=0.0))
+        model(x, y)[1].backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_flops_per_token_formula():
+    cfg = tiny()
+    model = GPT(cfg)
+    n = sum(p.numel() for p in model.parameters()) - cfg.block_size * cfg.n_embd  # without wpe
+    assert model.num_params() == n
+    assert model.flops_per_token() == 6 * n + 6 * cfg.n_layer * cfg.block_size * cfg.n_embd
+
+
+def test_generate_appends_tokens_and_crops_context():
+    cfg = tiny()
+    model = GPT(cfg).eval()
+    out = model.generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=cfg.block_size + 5, top_k=5)
+    assert out.shape == (2, 3 + cfg.block_size + 5)
+    assert int(out.max()) < cfg.vocab_size
+
+
+def test_rejects_too_long_sequences_and_missing_vocab():
+    cfg = tiny()
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        GPT(cfg)(torch.zeros(1, cfg.block_size + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="vocab_size must be set"):
+        GPT(resolve("base", "tiny"))
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(tiny())
+    opt = model.configure_optimizer(tiny())
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])

@@ -1,0 +1,119 @@
+"""End-to-end runs of the trainer, evaluation and sampling on a generated corpus (CPU, tiny preset)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from charlm.config import resolve
+from charlm.eval import evaluate, load_model, scoring_windows
+from charlm.sample import sample
+from charlm.train import Trainer, lr_at, main, train
+
+pytestmark = pytest.mark.integration
+
+
+def tiny_cfg(tiny_dataset, out_dir, variant="base", **overrides):
+    root, name = tiny_dataset
+    values = dict(dataset=name, data_root=str(root), out_dir=str(out_dir), device="cpu", compile=False, batch_size=16,
+                  max_iters=40, eval_interval=20, eval_iters=4, log_interval=5)
+    return resolve(variant, "tiny", **{**values, **overrides})
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_learns_and_writes_its_run_folder(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(tiny_dataset, run, max_iters=80, eval_interval=40))
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(5, 81, 5))
+    assert all(math.isclose(r["train_bpc"], r["train_loss"] / math.log(2)) for r in rows)
+    val = [r for r in rows if "val_bpc" in r]
+    assert [r["step"] for r in val] == [40, 80]
+    assert rows[-1]["train_bpc"] < 3.5 and val[-1]["val_bpc"] < 3.5  # uniform is 8 bits
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["n_layer"] == 2 and saved["attn"] == "sdpa" and saved["vocab_size"] == 256
+    assert (run / "curves.png").stat().st_size > 0
+    assert (run / "checkpoints.json").is_file()
+
+
+@pytest.mark.parametrize("variant", ["rope,tipa"])
+def test_tipa_logs_its_auxiliary_loss_apart(tiny_dataset, tmp_path, variant):
+    run = tmp_path / "run"
+    train(tiny_cfg(tiny_dataset, run, variant, max_iters=10, eval_interval=10))
+    row = metrics(run)[-1]
+    assert "tipa_loss" in row and row["tipa_loss"] > 0
+    assert math.isclose(row["train_bpc"], row["train_loss"] / math.log(2))  # next-char loss only
+
+
+def test_resume_continues_exactly(tiny_dataset, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(tiny_cfg(tiny_dataset, straight, max_iters=20, eval_interval=10, dropout=0.1))
+    Trainer(tiny_cfg(tiny_dataset, resumed, max_iters=20, eval_interval=10, dropout=0.1)).run(until=10)
+    train(tiny_cfg(tiny_dataset, resumed, max_iters=20, eval_interval=10, dropout=0.1, resume=True))
+    a, b = torch.load(straight / "ckpt_00000020.pt"), torch.load(resumed / "ckpt_00000020.pt")
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    keys = ("step", "train_loss", "val_loss", "lr")
+    assert [{k: r.get(k) for k in keys} for r in metrics(straight)] == [{k: r.get(k) for k in keys} for r in metrics(resumed)]
+
+
+def test_existing_run_needs_resume(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(tiny_dataset, run, max_iters=5, eval_interval=5))
+    with pytest.raises(ValueError, match="--resume"):
+        train(tiny_cfg(tiny_dataset, run, max_iters=5, eval_interval=5))
+
+
+def test_missing_dataset_says_which_command_prepares_it(tmp_path):
+    with pytest.raises(SystemExit, match="python -m charlm.data enwik8"):
+        main(["--preset", "tiny", "--data-root", str(tmp_path), "--device", "cpu"])
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = resolve("base", warmup_iters=10, max_iters=110, learning_rate=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("n, T, stride", [(50, 8, 8), (50, 8, 3), (9, 8, 8), (5, 8, 8), (100, 16, 1)])
+def test_scoring_windows_score_every_target_once(n, T, stride):
+    scored = np.zeros(n, dtype=int)
+    T_eff = min(T, n - 1)
+    for i, (start, first) in enumerate(scoring_windows(n, T, stride)):
+        assert 0 <= start and start + T_eff <= n - 1
+        scored[start + 1 + first: start + 1 + T_eff] += 1
+        if i > 0:
+            assert first >= T_eff - stride  # each scored target sees at least T - stride of context
+    assert scored[0] == 0 and (scored[1:] == 1).all()
+
+
+def test_eval_equals_hand_computed_cross_entropy(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(tiny_dataset, run, max_iters=5, eval_interval=5))
+    result = evaluate(run, device="cpu")
+    model, cfg, _ = load_model(run, torch.device("cpu"))
+    root, name = tiny_dataset
+    tokens = torch.from_numpy(np.fromfile(root / name / "val.bin", dtype=np.uint8).astype(np.int64))
+    T, total = cfg.block_size, 0.0
+    with torch.no_grad():  # non-overlapping windows, then the tail window's unscored targets
+        for start in range(0, len(tokens) - 1, T):
+            s = min(start, len(tokens) - 1 - T)
+            logits = model.lm_head(model.hidden(tokens[s:s + T][None]))[0]
+            nll = F.cross_entropy(logits, tokens[s + 1:s + T + 1], reduction="none")
+            total += nll[start - s:].double().sum().item()
+    assert result["val_chars"] == len(tokens) - 1
+    assert result["val_bpc"] == pytest.approx(total / (len(tokens) - 1) / math.log(2), rel=1e-6)
+    assert json.loads((run / "eval.json").read_text())["test_bpc"] == result["test_bpc"]
+
+
+def test_sample_generates_text(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(tiny_dataset, run, max_iters=5, eval_interval=5))
+    texts = sample(run, "<page>", max_new_tokens=20, num_samples=2, device="cpu")
+    assert len(texts) == 2 and all(t.startswith("<page>") for t in texts)
