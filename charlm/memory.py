@@ -35,7 +35,6 @@ GB = 2**30
 # Calibration constants: the only numbers here that a measurement on a GPU should change.
 MODEL_STATE_BYTES_PER_PARAM = 16  # fp32 weight, fp32 gradient, AdamW's fp32 exp_avg and exp_avg_sq
 WEIGHT_CAST_BYTES_PER_PARAM = 2  # bf16 copy of each Linear weight: autocast caches it, backward keeps it
-DDP_BUCKET_BYTES_PER_PARAM = 4  # DDP's flat fp32 gradient buckets (0 with gradient_as_bucket_view=True)
 DROPOUT_MASK_BYTES = 1  # per element: CUDA's dropout saves a bool mask
 CUDA_CONTEXT_BYTES = 1 * GB  # CUDA context, cuBLAS workspaces, loaded kernels: outside the caching allocator
 FRAGMENTATION_MARGIN = 0.10  # the caching allocator's slack on top of live tensors
@@ -144,7 +143,6 @@ def memory_breakdown(cfg: Config, micro_batch: int, checkpoint_layers: int, worl
     terms = {
         "model_state": MODEL_STATE_BYTES_PER_PARAM * params,
         "weight_casts": WEIGHT_CAST_BYTES_PER_PARAM * linear_params if uses_autocast(cfg) else 0,
-        "ddp_buckets": DDP_BUCKET_BYTES_PER_PARAM * params if world_size > 1 else 0,
         "activations": micro_batch * cfg.block_size * per_token,
     }
     terms["fragmentation"] = int(FRAGMENTATION_MARGIN * sum(terms.values()))

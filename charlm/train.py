@@ -36,7 +36,7 @@ from charlm.data import DataError, category_spans, load_meta
 from charlm.gpu import GPUMonitor
 from charlm.io import atomic_write_text
 from charlm.loader import BatchLoader
-from charlm.memory import MemoryPlan, cap_process_memory, device_capacity_bytes, format_oom, plan_memory
+from charlm.memory import MemoryPlan, MemoryPlanError, cap_process_memory, device_capacity_bytes, format_oom, plan_memory
 from charlm.model import GPT, pick_impls
 from charlm.plots import plot_curves
 
@@ -160,7 +160,8 @@ class Trainer:
         if cfg.compile if cfg.compile is not None else self.device.type == "cuda":
             self.model = torch.compile(self.model)
         if self.dist.world_size > 1:
-            self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                             gradient_as_bucket_view=True)  # no second copy of the gradients
         self.autocast = autocast(cfg, self.device)
         torch.manual_seed(cfg.seed + self.dist.rank)  # dropout masks differ across ranks
 
@@ -447,7 +448,7 @@ def main(argv=None) -> None:
         finally:
             if d.world_size > 1:
                 dist.destroy_process_group()
-    except (ValueError, DataError) as e:
+    except (ValueError, DataError, MemoryPlanError) as e:
         sys.exit(f"error: {e}")
 
 

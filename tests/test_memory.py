@@ -210,7 +210,8 @@ def test_world_size_splits_the_batch():
     plan = plan_memory(DEEP, 80 * GB, world_size=4)
     assert plan.micro_batch_size * plan.accum_steps * plan.world_size == DEEP.batch_size
     assert plan.micro_batch_size == 16  # the whole per-rank batch fits on 80 GB
-    assert estimate_peak_bytes(DEEP, 16, 0, world_size=4) > estimate_peak_bytes(DEEP, 16, 0)  # DDP buckets
+    # DDP adds no gradient copy: charlm.train builds it with gradient_as_bucket_view=True
+    assert estimate_peak_bytes(DEEP, 16, 0, world_size=4) == estimate_peak_bytes(DEEP, 16, 0)
     with pytest.raises(ValueError, match="divisible by the number of ranks"):
         plan_memory(DEEP, 80 * GB, world_size=3)
     with pytest.raises(ValueError, match="must divide the per-rank batch"):

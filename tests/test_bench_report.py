@@ -1,0 +1,89 @@
+"""bench/report.py on a synthetic history: latest rows, same-run baseline ratios, malformed lines, plots."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/ is not a package
+import common  # noqa: E402
+import report  # noqa: E402
+
+CASE = {"B": 8, "T": 512, "H": 8, "D": 64, "dtype": "bfloat16", "pass": "fwd+bwd"}
+DEVICES = ("NVIDIA A100-SXM4-40GB", "NVIDIA H100 80GB HBM3")
+COMMITS = (("aaaaaaaaaaaa", "2025-01-01T10:00:00+00:00"), ("bbbbbbbbbbbb", "2025-02-01T10:00:00+00:00"))
+
+
+def row(device, commit, date, impl, ms, baseline=False, bench="attn"):
+    return common.record(bench, impl, CASE, ms, baseline=baseline, tflops=100.0 / ms) | {
+        "device": device, "commit": commit, "date": date}
+
+
+def timings(device_index: int, commit_index: int) -> dict:
+    """Distinct ms per device, commit and impl, so that a wrong pairing shows."""
+    base = 10.0 + device_index
+    return {"sdpa": base + commit_index, "triton": base / (2 + commit_index)}
+
+
+@pytest.fixture
+def history(tmp_path) -> Path:
+    rows = []
+    for d, device in enumerate(DEVICES):
+        for c, (commit, date) in enumerate(COMMITS):
+            ms = timings(d, c)
+            rows.append(row(device, commit, date, "sdpa", ms["sdpa"], baseline=True))
+            rows.append(row(device, commit, date, "triton", ms["triton"]))
+    # An older run of the latest commit, whose baseline must not be paired with the newer triton row.
+    rows.append(row(DEVICES[0], COMMITS[1][0], "2025-01-15T10:00:00+00:00", "sdpa", 99.0, baseline=True))
+    rows.append(row(DEVICES[0], COMMITS[0][0], "2025-01-01T09:00:00+00:00", "loader-only", 1.0, bench="loader")
+                | {"tokens_per_s": 5e6})
+    path = tmp_path / "history.jsonl"
+    lines = [json.dumps(r) for r in rows]
+    lines[3:3] = ["{not json", json.dumps([1, 2]), json.dumps({"bench": "attn"}), "",
+                  json.dumps(rows[0] | {"case": "B=8"})]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def table(markdown: str, device: str) -> dict[str, list[str]]:
+    """impl -> cells of the attn table rows under the device's heading."""
+    section = markdown.split(f"## {device}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| attn")]
+    return {cells[report.COLUMNS.index("impl")]: cells for cells in rows}
+
+
+def test_malformed_lines_are_skipped_with_a_warning(history, capsys):
+    rows = report.read_history(history)
+    assert len(rows) == 2 * 2 * 2 + 2
+    assert capsys.readouterr().err.count("warning:") == 4
+
+
+def test_table_shows_latest_commit_and_same_run_ratio(history):
+    markdown = report.markdown_report(report.read_history(history))
+    for d, device in enumerate(DEVICES):
+        cells = table(markdown, device)
+        latest = timings(d, 1)
+        col = report.COLUMNS.index
+        assert cells["triton"][col("commit")] == COMMITS[1][0]
+        assert float(cells["triton"][col("ms")]) == pytest.approx(latest["triton"], rel=1e-3)
+        assert cells["triton"][col("vs baseline")] == f"{latest['sdpa'] / latest['triton']:.2f}x"
+        assert cells["sdpa"][col("baseline?")] == "yes" and cells["sdpa"][col("vs baseline")] == "-"
+        assert cells["sdpa"][col("case")] == report.case_label(CASE)
+    assert markdown.index(f"## {DEVICES[0]}") < markdown.index(f"## {DEVICES[1]}")
+
+
+def test_main_prints_and_writes_plots(history, tmp_path, capsys):
+    out = tmp_path / "out"
+    report.main(["--history", str(history), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert f"## {DEVICES[1]}" in printed
+    assert "## " + DEVICES[0] in (out / "report.md").read_text()
+    for bench in ("attn", "loader"):
+        png = (out / f"{bench}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 1000
+
+
+def test_main_figure_prefers_throughput():
+    assert report.main_figure([{"ms": 1.0, "tokens_per_s": None, "tflops": 3.0}]) == "tflops"
+    assert report.main_figure([{"ms": 1.0}]) == "ms"
