@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from charlm.categorize import category_slug
 from charlm.checkpoint import best_checkpoint, latest_checkpoint, load_checkpoint
 from charlm.config import Config
-from charlm.categorize import category_slug
 from charlm.data import DataError, category_spans, load_meta
 from charlm.io import atomic_write_text
 from charlm.model import GPT

