@@ -148,6 +148,8 @@ def main(argv=None) -> None:
                           category=args.category)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    if args.category:
+        print(f"on the {args.category} subset of each split:")
     for split in ("val", "test"):
         print(f"{split} bpc {result[f'{split}_bpc']:.4f}")
 

@@ -1,0 +1,250 @@
+"""charlm.study: steps at equal compute, skip and resume, the table's statistics, TIPA's BPC, the figure.
+
+Studies run on the generated corpus with the tiny preset on the CPU, a few steps per run.
+"""
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from charlm import study
+from charlm.eval import load_model, scoring_windows
+from charlm.tipa import reverse_positions
+from charlm.train import Trainer
+
+TOKENS_PER_STEP = 8 * 64  # --batch-size 8, tiny preset's block_size 64
+
+
+def study_argv(tiny_dataset, out_dir, conditions, steps, *extra):
+    root, name = tiny_dataset
+    return ["--dataset", name, "--data-root", str(root), "--conditions", conditions, "--seeds", "1",
+            "--budget", str(steps * TOKENS_PER_STEP), "--budget-unit", "tokens", "--out-dir", str(out_dir),
+            "--preset", "tiny", "--batch-size", "8", "--eval-iters", "2", "--device", "cpu", "--no-compile", *extra]
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- budget to steps ------------------------------------------------------------------------------
+
+def hand_count(n_layer, n_embd, block_size, vocab=256, tipa_classes=0):
+    """(N, training FLOPs per token) counted from the parameter shapes; position embeddings excluded."""
+    C = n_embd
+    block = (2 * C                    # ln_1 weight and bias
+             + C * 3 * C + 3 * C      # c_attn: q, k, v
+             + C * C + C              # attention c_proj
+             + 2 * C                  # ln_2
+             + C * 4 * C + 4 * C      # mlp c_fc
+             + 4 * C * C + C)         # mlp c_proj
+    n = vocab * C + n_layer * block + 2 * C + C * vocab + tipa_classes * C  # wte, blocks, ln_f, lm_head, tipa head
+    return n, 6 * n + 6 * n_layer * block_size * C
+
+
+# condition: (N, FLOPs per token, steps in 1e16 FLOPs at batch 64), by hand for width 512 and vocab 256:
+# base: 16 * (12 * 512^2 + 13 * 512) + 2 * 256 * 512 + 2 * 512 = 50,701,312; 6N + 6 * 16 * 256 * 512 = 316,790,784;
+# floor(1e16 / (316,790,784 * 64 * 256)) = 1926. deep: 32 layers, context 512 -> floor(1e16 / (657,168,384 * 32,768)).
+HAND_CHECKED = {
+    "base": (50_701_312, 316_790_784, 1926),
+    "rope": (50_701_312, 316_790_784, 1926),  # no position table at all; base's is not counted either
+    "tipa": (50_701_312 + 17 * 512, 316_790_784 + 6 * 17 * 512, 1926),  # the head: R + 1 = 17 classes
+    "deep": (101_139_456, 657_168_384, 464),
+    "deep+rope": (101_139_456, 657_168_384, 464),
+}
+
+
+@pytest.mark.parametrize("name", list(HAND_CHECKED))
+def test_budget_becomes_steps_from_hand_counted_flops(tiny_dataset, name):
+    root, data = tiny_dataset
+    c = study.plan_condition(name, 1e16, "flops", "", {"dataset": data, "data_root": str(root)})
+    deep = name.startswith("deep")
+    n, flops = hand_count(32 if deep else 16, 512, 512 if deep else 256, tipa_classes=17 if name == "tipa" else 0)
+    assert (n, flops) == HAND_CHECKED[name][:2]
+    assert (c.params, c.flops_per_token, c.steps) == HAND_CHECKED[name]
+    assert c.flops <= 1e16 < c.flops + c.tokens_per_step * c.flops_per_token  # rounded down: never over budget
+    tokens = study.plan_condition(name, 1e9, "tokens", "", {"dataset": data, "data_root": str(root)})
+    assert tokens.steps == 1e9 // (64 * (512 if deep else 256))
+
+
+def test_plan_says_how_many_steps_each_condition_gets(tiny_dataset):
+    root, data = tiny_dataset
+    overrides = {"dataset": data, "data_root": str(root)}
+    plans = [study.plan_condition(n, 1e16, "flops", "", overrides) for n in ("base", "deep")]
+    assert "base gets 1,926 steps, deep gets 464 steps" in study.describe_plan(plans, 1e16, "flops")
+
+
+@pytest.mark.parametrize("argv_extra, message", [
+    (["--conditions", "base,wide"], "'wide'"),
+    (["--conditions", "base,base"], "more than once"),
+    (["--budget", "100", "--budget-unit", "flops"], "buys no step"),
+    (["--only", "base:7"], "--only base:7"),
+    (["--tokenization", "unicode"], "--tokenization unicode"),
+    (["--conditions", "base,experts:base"], "python -m charlm.categorize tiny --method keywords"),
+])
+def test_bad_input_fails_before_training(tiny_dataset, tmp_path, argv_extra, message):
+    with pytest.raises(SystemExit, match=message):
+        study.main(study_argv(tiny_dataset, tmp_path / "s", "base", 2) + argv_extra)
+    assert not (tmp_path / "s" / "runs").exists()
+
+
+def test_a_split_over_the_whole_run_is_refused(tiny_dataset, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        study.main(study_argv(tiny_dataset, tmp_path / "s", "base", 2) + ["--experts-split", "0.5,0.6,0.1"])
+    assert "--experts-split 0.5,0.6,0.1: expected PRE,FINE,POST shares" in capsys.readouterr().err
+
+
+def test_experts_conditions_say_when_charlm_experts_is_missing(tiny_dataset, monkeypatch):
+    monkeypatch.setitem(sys.modules, "charlm.experts", None)  # importing it now fails as if it did not exist
+    root, data = tiny_dataset
+    with pytest.raises(study.StudyError, match="charlm.experts .issue 7., which is not available"):
+        study.plan_condition("experts:base", 1e16, "flops", "", {"dataset": data, "data_root": str(root)})
+
+
+def test_missing_unicode_enwik8_names_the_command(tmp_path):
+    with pytest.raises(study.StudyError, match="python -m charlm.data enwik8 --tokenization unicode"):
+        study.study_dataset("enwik8", str(tmp_path), "unicode")
+
+
+def test_a_study_folder_refuses_other_settings(tmp_path):
+    settings = {"budget": 1e16, "budget_unit": "flops"}
+    study.check_study_settings(tmp_path, settings)
+    study.check_study_settings(tmp_path, settings)  # the same settings again: fine
+    with pytest.raises(study.StudyError, match="batch_size: unset there, 32 now; budget: 1e\\+16 there, 2e\\+16 now"):
+        study.check_study_settings(tmp_path, {**settings, "budget": 2e16, "batch_size": 32})
+
+
+# --- statistics and the table ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("df, expected", [(1, 12.7062047), (2, 4.3026527), (2.5, 3.5746548), (10, 2.2281389),
+                                          (30, 2.0422725), (1e6, 1.9599664)])
+def test_student_t_quantile_matches_tables(df, expected):
+    assert study.student_t_quantile(0.975, df) == pytest.approx(expected, abs=1e-6)
+    assert study.student_t_quantile(0.025, df) == pytest.approx(-expected, abs=1e-6)
+
+
+def record(condition, seed, val, test):
+    return {"condition": condition, "seed": seed, "params": 132_864, "steps": 20, "tokens": 10_240, "flops": 8.7e9,
+            "val_bpc": val, "test_bpc": test, "checkpoint_step": 20, "selection": "final"}
+
+
+def test_table_reports_mean_std_and_welch_interval():
+    records = ([record("base", s, v, t) for s, (v, t) in enumerate([(1.1, 1.0), (1.3, 1.2), (1.5, 1.4)])]
+               + [record("rope", s, v, t) for s, (v, t) in enumerate([(1.0, 0.9), (1.0, 1.0), (1.0, 1.1)])]
+               + [record("tipa", 0, 1.35, 1.3)])
+    rows = study.summarize(records, "base")
+    assert rows[0]["test_bpc"] == pytest.approx((1.2, 0.2))  # sample std of 1.0, 1.2, 1.4
+    assert rows[1]["val_bpc"] == pytest.approx((1.0, 0.0))
+    # rope - base: -0.2; se = sqrt(0.2^2/3 + 0.1^2/3) = 0.129099; Welch df = 2.9412; t(0.975, 2.9412) = 3.21887
+    d, lo, hi = rows[1]["diff"]
+    assert (d, lo, hi) == pytest.approx((-0.2, -0.2 - 3.21887 * 0.129099, -0.2 + 3.21887 * 0.129099), abs=1e-4)
+    table = study.format_table(rows, "base").splitlines()
+    assert table[0] == ("| condition | params | steps | tokens | seeds | val BPC | test BPC | "
+                        "Δ test BPC vs base (95% CI) |")
+    assert table[2] == "| base | 132.9k | 20 | 10.2k | 3 | 1.3000 ± 0.2000 | 1.2000 ± 0.2000 | (reference) |"
+    assert table[3] == ("| rope | 132.9k | 20 | 10.2k | 3 | 1.0000 ± 0.0000 | 1.0000 ± 0.1000 "
+                        "| -0.2000 [-0.6155, +0.2155] |")
+    assert table[4] == "| tipa | 132.9k | 20 | 10.2k | 1 | 1.3500 ± n/a | 1.3000 ± n/a | +0.1000 [n/a] |"
+
+
+def test_plot_draws_mean_and_band(tmp_path):
+    curves = {"base": [([1e9, 2e9, 3e9], [4.0, 3.5, 3.2]), ([1e9, 2e9, 3e9], [4.1, 3.4, 3.3])],
+              "deep": [([2e9, 3e9], [3.9, 3.1])]}
+    path = study.plot_results(curves, tmp_path / "results.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- whole studies --------------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_rerun_skips_finished_runs_and_resumes_interrupted_ones(tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "study"
+    argv = study_argv(tiny_dataset, out, "base,rope", 8, "--eval-interval", "4")
+    study.main(argv + ["--only", "base:0"])  # one job of a multi-GPU user
+    base = out / "runs" / "base-s0"
+    done = {p.name: p.stat().st_mtime_ns for p in base.iterdir()}
+    assert "result.json" in done and not (out / "results.md").exists()
+
+    # rope-s0 is interrupted at step 4: exactly the run the study would launch, stopped half way
+    root, name = tiny_dataset
+    overrides = {"dataset": name, "data_root": str(root), "batch_size": 8, "eval_iters": 2, "eval_interval": 4,
+                 "device": "cpu", "compile": False}
+    rope = study.plan_condition("rope", 8 * TOKENS_PER_STEP, "tokens", "tiny", overrides)
+    Trainer(study.run_config(rope, 0, out)).run(until=4)
+    capsys.readouterr()
+
+    study.main(argv)
+    printed = capsys.readouterr().out
+    assert "base seed 0: done before, skipped" in printed
+    assert "resumed" in printed and "at step 4" in printed
+    assert {p.name: p.stat().st_mtime_ns for p in base.iterdir() if p.name in done} == done  # not retrained
+    assert [r["step"] for r in metrics(out / "runs" / "rope-s0") if "val_bpc" in r] == [4, 8]
+    assert json.loads((out / "runs" / "rope-s0" / "result.json").read_text())["checkpoint_step"] in (4, 8)
+    assert "| base | 132.9k | 8 | 4.1k | 1 |" in printed and "| rope | 132.9k | 8 | 4.1k | 1 |" in printed
+    assert (out / "results.md").read_text().count("| rope-s0 |") == 1
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.integration
+def test_tipa_bpc_counts_next_character_loss_only(tiny_dataset, tmp_path):
+    out, lam = tmp_path / "study", 10.0
+    study.main(study_argv(tiny_dataset, out, "tipa", 6, "--tipa-lambda", str(lam)))
+    run = out / "runs" / "tipa-s0"
+    result = json.loads((run / "result.json").read_text())
+
+    # by hand: both losses of the evaluated checkpoint over the whole val split, each target scored once
+    model, cfg, step = load_model(run, torch.device("cpu"), run / "best.pt")
+    assert step == result["checkpoint_step"]
+    root, name = tiny_dataset
+    tokens = np.fromfile(root / name / "val.bin", dtype=np.uint8)
+    reverse = torch.from_numpy(reverse_positions(tokens, cfg.tipa_max).astype(np.int64))
+    data, T = torch.from_numpy(tokens.astype(np.int64)), cfg.block_size
+    lm_total = tipa_total = 0.0
+    with torch.no_grad():
+        for start, first in scoring_windows(len(tokens), T, T):
+            h = model.hidden(data[start:start + T][None])[0]
+            lm = F.cross_entropy(model.lm_head(h), data[start + 1:start + T + 1], reduction="none")
+            aux = F.cross_entropy(model.tipa_head(h), reverse[start + 1:start + T + 1], reduction="none")
+            lm_total += lm[first:].double().sum().item()
+            tipa_total += aux[first:].double().sum().item()
+    n = len(tokens) - 1
+    next_char_only = lm_total / n / math.log(2)
+    with_auxiliary = (lm_total + lam * tipa_total) / n / math.log(2)
+    assert result["val_bpc"] == pytest.approx(next_char_only, rel=1e-5)
+    assert with_auxiliary - next_char_only > 1.0  # so the check above would fail if the auxiliary loss counted
+    assert f"{result['val_bpc']:.4f} ± n/a" in (out / "results.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def topic_dataset(tmp_path_factory):
+    """(data_root, name) of a three-topic corpus with a keywords categorisation, for experts:VARIANT."""
+    from charlm.categorize import categorize
+    from charlm.data import prepare
+    from test_categorize import make_topic_corpus
+
+    root = tmp_path_factory.mktemp("data")
+    prepare(make_topic_corpus(90, ["Science", "Sports and Recreation", "Military and Warfare"])[0],
+            root / "topics", "bytes")
+    categorize(root / "topics", "keywords")
+    return root, "topics"
+
+
+@pytest.mark.integration
+def test_experts_rows_come_from_the_scheme_at_equal_compute(topic_dataset, tmp_path, capsys):
+    out = tmp_path / "study"
+    order = "Science,Sports and Recreation,Military and Warfare"
+    study.main(study_argv(topic_dataset, out, "base,experts:base", 20, "--experts-order", order))
+    assert "experts:base: pre-training 10 + 3 fine-tunes x 2 + post-training 2 steps" in capsys.readouterr().out
+    run = out / "runs" / "experts-base-s0"
+    result = json.loads((run / "result.json").read_text())
+    state = json.loads((run / "scheme.json").read_text())
+    chosen = state["selected"][0]  # e.g. "fine/02-sports-and-recreation": the best fine-tune on val
+    post = state["stages"]["post/" + chosen.split("-", 1)[1]]
+    assert result["steps"] == 10 + 3 * 2 + 2 <= 20  # what the scheme spends to produce its model
+    assert (result["val_bpc"], result["test_bpc"]) == (post["val_bpc"], post["test_bpc"])
+    assert result["checkpoint_step"] == post["steps_total"]
+    assert [stage for stage, _ in result["curve"]][0] == "pre" and result["curve"][-1][1] == post["steps_total"] - 2
+    assert "| experts:base |" in (out / "results.md").read_text()
