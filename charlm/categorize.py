@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from charlm.data import SPLITS, DataError, decode_tokens, encode_text, load_meta
+from charlm.data import SPLITS, DataError, decode_tokens, encode_text, load_meta, read_categories
 from charlm.io import atomic_dir, atomic_write_text
 
 FORMAT = 1
@@ -134,7 +134,7 @@ TITLE_SEARCH = 1024  # tokens: a page's <title> comes within its first lines
 
 def text_of(tokens: np.ndarray, start: int, length: int, meta: dict) -> str:
     """The text of tokens[start:start + length] (as plain ints: decoding a memmap element by element is slow)."""
-    return decode_tokens(tokens[start:start + length].tolist(), meta)
+    return decode_tokens(tokens[start:start + length], meta)
 
 
 def page_title(tokens: np.ndarray, start: int, length: int, meta: dict) -> str:
@@ -511,16 +511,6 @@ def write_categories(data_dir: Path, name: str, meta: dict, method: str, details
     return folder
 
 
-def read_index(data_dir: Path, name: str) -> dict:
-    """categories/<name>/categories.json of a dataset; a missing one names the command that makes it."""
-    path = Path(data_dir) / "categories" / name / "categories.json"
-    if not path.is_file():
-        flags = f"--method {name}" if name in METHODS else f"--method METHOD --name {name}"
-        raise DataError(f"no categorisation {name!r} at {path.parent}: run `python -m charlm.categorize "
-                        f"{Path(data_dir).name} {flags}`")
-    return json.loads(path.read_text())
-
-
 def category_slug(name: str) -> str:
     """A category's name as a file name: "Arts and Literature" -> "arts-and-literature"."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
@@ -545,7 +535,7 @@ def example_titles(tokens: np.ndarray, spans: np.ndarray, meta: dict, k: int = 3
 def summary(data_dir: Path, name: str) -> str:
     """A table of tokens and chunks per category and split, with example titles from train."""
     data_dir = Path(data_dir)
-    index, meta = read_index(data_dir, name), load_meta(data_dir)
+    index, meta = read_categories(data_dir, name), load_meta(data_dir)
     unit = "bytes" if meta["tokenization"] == "bytes" else "chars"
     train = read_split(data_dir, "train", meta)
     train_spans = np.load(data_dir / "categories" / name / "spans_train.npy")

@@ -68,6 +68,7 @@ class Config:
     log_interval: int = 10  # steps between metrics.jsonl rows
     ckpt_interval: int = 0  # steps between checkpoints; 0: every eval_interval
     keep_checkpoints: int = 3  # newest checkpoints kept on disk
+    save_best: bool = True  # also keep best.pt, the checkpoint with the lowest val estimate
     max_bad_steps: int = 10  # consecutive non-finite losses (each skipped) before the run stops
     seed: int = 0  # seeds the model init and the data order
     # run

@@ -138,9 +138,11 @@ def encode_text(text: str, meta: dict) -> list[int]:
 
 
 def decode_tokens(ids, meta: dict) -> str:
+    """Text of a sequence of token ids (any array-like); invalid UTF-8 in byte mode decodes to U+FFFD."""
+    ids = np.asarray(ids)
     if meta["tokenization"] == "bytes":
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-    return "".join(chr(meta["chars"][int(i)]) for i in ids)
+        return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+    return np.asarray(meta["chars"], dtype="<u4")[ids].tobytes().decode("utf-32-le")
 
 
 def load_meta(data_dir: Path) -> dict:
@@ -160,18 +162,23 @@ def load_meta(data_dir: Path) -> dict:
     return meta
 
 
+def read_categories(data_dir: Path, name: str) -> dict:
+    """categories/<name>/categories.json of a dataset (charlm.categorize writes it); a missing one names
+    the command that makes it."""
+    path = Path(data_dir) / "categories" / name / "categories.json"
+    if not path.is_file():
+        raise DataError(f"no categorisation {name!r} at {path.parent}: run `python -m charlm.categorize "
+                        f"{Path(data_dir).name} --method {name}`")
+    return json.loads(path.read_text())
+
+
 def category_spans(data_dir: Path, category: str, split: str) -> np.ndarray:
     """Rows (start, length, category id) of one topic subset of a split; category is "<method>/<name>"."""
     method, _, name = category.partition("/")
-    folder = Path(data_dir) / "categories" / method
-    index_path = folder / "categories.json"
-    if not index_path.is_file():
-        raise DataError(f"no categorisation {method!r} at {folder}: run `python -m charlm.categorize "
-                        f"{Path(data_dir).name} --method {method}`")
-    names = [c["name"] for c in json.loads(index_path.read_text())["categories"]]
+    names = [c["name"] for c in read_categories(data_dir, method)["categories"]]
     if name not in names:
         raise DataError(f"category {name!r} is not one of {method}'s: {', '.join(names)}")
-    spans = np.load(folder / f"spans_{split}.npy")
+    spans = np.load(Path(data_dir) / "categories" / method / f"spans_{split}.npy")
     return spans[spans[:, 2] == names.index(name)]
 
 

@@ -39,10 +39,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from charlm.categorize import category_slug, read_index
+from charlm.categorize import category_slug
 from charlm.checkpoint import MANIFEST, latest_checkpoint
 from charlm.config import Config, add_config_args, config_from_args
-from charlm.data import DataError, category_spans
+from charlm.data import DataError, category_spans, read_categories
 from charlm.eval import evaluate
 from charlm.io import atomic_write, atomic_write_text
 from charlm.plots import read_metrics
@@ -162,6 +162,8 @@ def build_scheme(args: argparse.Namespace) -> Scheme:
     cfg = config_from_args(args)
     if args.keep_checkpoints is None:  # a stage needs only its newest: to resume it and to start the next
         cfg = dataclasses.replace(cfg, keep_checkpoints=1)
+    if args.save_best is None:  # stages are judged by their final checkpoint, which the next one starts from
+        cfg = dataclasses.replace(cfg, save_best=False)
     cfg, _ = attach_dataset(cfg)  # a missing dataset names the command that prepares it
     if args.fine_iters < 1 or args.post_iters < 0:
         raise SchemeError(f"--fine-iters must be >= 1 and --post-iters >= 0, got {args.fine_iters} and "
@@ -170,7 +172,7 @@ def build_scheme(args: argparse.Namespace) -> Scheme:
         raise SchemeError("give either --pre-iters (pre-train here) or --from RUN (start from an existing run)")
     if args.pre_iters is not None and args.pre_iters < 1:
         raise SchemeError(f"--pre-iters must be >= 1, got {args.pre_iters}")
-    names = [c["name"] for c in read_index(dataset_dir(cfg), args.categories)["categories"]]
+    names = [c["name"] for c in read_categories(dataset_dir(cfg), args.categories)["categories"]]
     order = parse_order(args.order, names)
     if not 1 <= args.top_k <= len(order):
         raise SchemeError(f"--top-k must be in 1..{len(order)} (the number of fine-tunes), got {args.top_k}")

@@ -23,7 +23,7 @@ def sample(run_dir: Path, prompt: str, max_new_tokens: int = 500, temperature: f
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
     with autocast(cfg, dev):
         out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
-    return [decode_tokens(row.tolist(), meta) for row in out]
+    return [decode_tokens(row.cpu().numpy(), meta) for row in out]
 
 
 def main(argv=None) -> None:

@@ -62,9 +62,8 @@ import torch
 import torch.distributed as dist
 
 from charlm.checkpoint import best_checkpoint
-from charlm.categorize import read_index
 from charlm.config import Config, add_config_args, resolve
-from charlm.data import DataError, load_meta, prepare_command
+from charlm.data import DataError, load_meta, prepare_command, read_categories
 from charlm.eval import evaluate
 from charlm.io import atomic_write, atomic_write_text
 from charlm.model import GPT
@@ -183,7 +182,7 @@ def plan_scheme(name: str, cfg: Config, steps: int, categories: str, order: str 
                 split: tuple[float, float, float]) -> SchemePlan:
     """Split a run's steps between the scheme's stages; the categorisation and its subsets are checked here."""
     experts = experts_module(name)
-    names = [c["name"] for c in read_index(dataset_dir(cfg), categories)["categories"]]
+    names = [c["name"] for c in read_categories(dataset_dir(cfg), categories)["categories"]]
     order = experts.parse_order(order, names)
     pre_share, fine_share, post_share = split
     plan = SchemePlan(categories, tuple(order), math.floor(steps * pre_share),

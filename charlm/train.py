@@ -384,7 +384,7 @@ class Trainer:
                     row.update(val_loss=val_loss, val_bpc=val_loss / LN2)
                     if row["val_bpc"] < self.best_val_bpc:
                         self.best_val_bpc = row["val_bpc"]
-                        if self.dist.master:
+                        if self.dist.master and cfg.save_best:
                             save_best(self.run_dir, self.step, self.state_dict(), self.best_val_bpc)
                 self._log(row)
                 bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_bpc", "val_bpc") if k in row}

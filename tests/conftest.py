@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+from corpora import make_corpus
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -25,23 +27,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def make_corpus(n_bytes: int, seed: int = 0) -> bytes:
-    """Wiki-like text with real structure (so a model can learn it) from a small vocabulary of words."""
-    import random
-
-    rng = random.Random(seed)
-    words = ["the", "of", "and", "history", "science", "river", "city", "war", "music", "théâtre", "1984",
-             "language", "king", "film", "school", "church", "[[link]]", "{{cite}}", "&amp;", "naïve"]
-    out, size = [], 0
-    while size < n_bytes:
-        title = " ".join(rng.choice(words) for _ in range(2)).title()
-        body = " ".join(rng.choice(words) for _ in range(rng.randint(20, 60)))
-        page = f"<page>\n<title>{title}</title>\n<text>{body}.\n</text>\n</page>\n"
-        out.append(page)
-        size += len(page.encode())
-    return "".join(out).encode()[:n_bytes]
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 
 from charlm import data
 from charlm.data import DataError, decode_tokens, encode_text, load_meta, prepare, prepare_enwik8, prepare_text
-from conftest import make_corpus
+from corpora import make_corpus
 
 
 def read_split(d, split, meta):

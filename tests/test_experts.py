@@ -13,7 +13,7 @@ from charlm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoin
 from charlm.data import prepare
 from charlm.eval import load_model, spans_bpc, split_bpc
 from charlm.train import Trainer
-from test_categorize import make_topic_corpus
+from corpora import make_topic_corpus
 
 pytestmark = pytest.mark.integration
 

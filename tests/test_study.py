@@ -223,7 +223,7 @@ def topic_dataset(tmp_path_factory):
     """(data_root, name) of a three-topic corpus with a keywords categorisation, for experts:VARIANT."""
     from charlm.categorize import categorize
     from charlm.data import prepare
-    from test_categorize import make_topic_corpus
+    from corpora import make_topic_corpus
 
     root = tmp_path_factory.mktemp("data")
     prepare(make_topic_corpus(90, ["Science", "Sports and Recreation", "Military and Warfare"])[0],
