@@ -1,23 +1,27 @@
-"""Causal flash attention (FlashAttention-2) in Triton, with RoPE optionally fused into the tile loads.
+"""Flash attention (FlashAttention-2) in Triton, causal by default, with RoPE optionally fused into the loads.
 
-    o = softmax(mask(q k^T / sqrt(D))) v        q, k, v, o: (B, T, H, D)
+    o = softmax(mask(q k^T / sqrt(D))) v        q, k, v, o: (B, T, H, D), D in 16, 32, 64, 128
 
-Forward: one program per (query tile, batch*head) streams the key/value tiles with an online softmax and
-saves only O and the per-row log-sum-exp. Backward recomputes the scores tile by tile: a preprocessing
-pass for delta = rowsum(dO * O), then a dK/dV pass (one program per key tile sweeps the query tiles) and a
-dQ pass (one program per query tile sweeps the key tiles). No atomics, so gradients are deterministic.
-Causal masking skips the key tiles wholly after a query tile (loop bounds) and masks only the tiles on the
-diagonal.
+Forward: one program per (query tile, batch * head) streams the key/value tiles with an online softmax in
+base 2 and saves only O and the per-row log-sum-exp. Backward recomputes the scores tile by tile: a
+preprocessing pass for delta = rowsum(dO * O), then a dK/dV pass (one program per key tile sweeps the
+query tiles) and a dQ pass (one program per query tile sweeps the key tiles): no atomics, so gradients are
+deterministic. Causal masking: tiles wholly after the diagonal are skipped by the loop bounds, tiles wholly
+before it run without a mask, and only the diagonal tiles are masked (each loop is compiled with its own
+MASKED constant). Any T: rows past T read as zero, are never stored, and get lse = +inf in backward so
+they contribute nothing.
 
-With rope_theta set, q and k tiles are rotated as they are loaded (half-split convention, position of row
-t is t, angle t * theta ** (-2i / D), the same tables as kernels/rope.py), so the model needs no separate
-RoPE pass; backward rotates dq and dk back by minus the angle, which makes them gradients w.r.t. the
-un-rotated inputs.
+RoPE (rope_theta set; half-split convention, row t at position t): q and k tiles are rotated as they are
+loaded, from the fp32 cos/sin tables of rope_cos_sin that rope_reference uses, and rounded to the input
+dtype as rope_reference rounds them; so the result is rope_reference then attention, without a separate
+RoPE pass over memory. Backward rotates dq and dk back by minus the angle: gradients w.r.t. the inputs.
+
+Under TRITON_INTERPRET=1 (CPU) the kernels run with one fixed small config, and dot operands are upcast
+to fp32 because the interpreter reads bf16 dot operands from their raw bits.
 """
 import contextlib
 import functools
 import math
-from typing import Optional
 
 import torch
 import triton
@@ -41,55 +45,63 @@ def _head_offset(bh, H, stride_b, stride_h):
 
 
 @triton.jit
-def _load_rows(base, rows, stride_t, T, HEAD_DIM: tl.constexpr):
-    """Rows `rows` of one head's (T, HEAD_DIM) slice, row stride stride_t; rows past T read as 0."""
-    dims = tl.arange(0, HEAD_DIM)
-    return tl.load(base + rows[:, None] * stride_t + dims[None, :], mask=(rows < T)[:, None], other=0.0)
+def _load_rows(base, rows, stride_t, T, WIDTH: tl.constexpr):
+    """Columns 0 .. WIDTH of rows `rows` of one head's (T, D) slice, row stride stride_t; rows past T read as 0."""
+    cols = tl.arange(0, WIDTH)
+    return tl.load(base + rows[:, None] * stride_t + cols[None, :], mask=(rows < T)[:, None], other=0.0)
 
 
 @triton.jit
-def _store_rows(base, x, rows, stride_t, T, HEAD_DIM: tl.constexpr):
-    dims = tl.arange(0, HEAD_DIM)
-    tl.store(base + rows[:, None] * stride_t + dims[None, :], x.to(base.dtype.element_ty),
+def _store_rows(base, x, rows, stride_t, T, WIDTH: tl.constexpr):
+    """x (rows, WIDTH) into columns 0 .. WIDTH of those rows, in the buffer's dtype; rows past T are skipped."""
+    cols = tl.arange(0, WIDTH)
+    tl.store(base + rows[:, None] * stride_t + cols[None, :], x.to(base.dtype.element_ty),
              mask=(rows < T)[:, None])
 
 
 @triton.jit
-def _rope(x1, x2, rows, T, COS, SIN, HALF: tl.constexpr, INVERSE: tl.constexpr):
-    """Rotate the half-split pairs (x1, x2) = (dims i, dims i + D/2), each (rows, HALF), in fp32 by the RoPE
-    angles of positions `rows`, or by minus them if INVERSE. COS, SIN: (T, HALF) fp32 tables."""
-    offs = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
+def _rope_cos_sin(COS, SIN, rows, T, pairs, HALF: tl.constexpr):
+    """cos and sin (rows, pairs) of the RoPE angles of positions `rows`, pair indices `pairs` (< HALF), in fp32,
+    from the (>= T, HALF) tables."""
+    offs = rows[:, None] * HALF + pairs[None, :]
     in_seq = (rows < T)[:, None]
-    cos = tl.load(COS + offs, mask=in_seq, other=0.0)
-    sin = tl.load(SIN + offs, mask=in_seq, other=0.0)
-    if INVERSE:
-        sin = -sin
-    x1 = x1.to(tl.float32)
-    x2 = x2.to(tl.float32)
-    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    return tl.load(COS + offs, mask=in_seq, other=0.0), tl.load(SIN + offs, mask=in_seq, other=0.0)
 
 
 @triton.jit
-def _load_qk(base, rows, stride_t, T, COS, SIN, HALF: tl.constexpr, ROPE: tl.constexpr):
-    """A q or k tile as its two halves (rows, HALF), as the scores see them: rotated if ROPE, then rounded
-    to the input dtype like rope_reference. Halves keep RoPE elementwise: no register shuffles."""
-    x1 = _load_rows(base, rows, stride_t, T, HALF)
-    x2 = _load_rows(base + HALF, rows, stride_t, T, HALF)
+def _load_qk(base, rows, stride_t, T, COS, SIN, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr):
+    """A q or k tile as the scores see it: with ROPE rotated, then rounded to the input dtype like rope_reference.
+
+    The rotation is x * cos + partner * (-sin | +sin), partner being the tile with its halves swapped
+    (dim i <-> i + D/2) and the sign - on the first half: a second load, contiguous like the first, and all
+    else elementwise in the load's layout, so the tile reaches the dot without any register shuffle.
+    """
+    x = _load_rows(base, rows, stride_t, T, HEAD_DIM)
     if ROPE:
-        y1, y2 = _rope(x1, x2, rows, T, COS, SIN, HALF, False)
-        x1 = y1.to(x1.dtype)
-        x2 = y2.to(x2.dtype)
-    return x1, x2
+        HALF: tl.constexpr = HEAD_DIM // 2
+        dims = tl.arange(0, HEAD_DIM)
+        partner = tl.load(base + rows[:, None] * stride_t + ((dims + HALF) % HEAD_DIM)[None, :],
+                          mask=(rows < T)[:, None], other=0.0)
+        cos, sin = _rope_cos_sin(COS, SIN, rows, T, dims % HALF, HALF)
+        sin = tl.where((dims < HALF)[None, :], -sin, sin)
+        x = (x.to(tl.float32) * cos + partner.to(tl.float32) * sin).to(x.dtype)
+    return x
 
 
 @triton.jit
-def _store_qk_grad(base, g1, g2, rows, stride_t, T, COS, SIN, HALF: tl.constexpr, ROPE: tl.constexpr):
-    """Store the gradient halves of a q or k tile; with ROPE the scores saw R x, so the gradient w.r.t. x is
-    R^T (rotation by minus the angle) times the one w.r.t. R x."""
+def _store_qk_grad(base, g, rows, stride_t, T, COS, SIN, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   ROPE: tl.constexpr):
+    """Store the gradient g (BLOCK, HEAD_DIM) of a q or k tile. With ROPE the scores saw R x, so the gradient
+    w.r.t. x is R^T g, the rotation by minus the angle: done on the tile's two halves, split apart in
+    registers (once per program, so cheap) and stored each on its own."""
     if ROPE:
-        g1, g2 = _rope(g1, g2, rows, T, COS, SIN, HALF, True)
-    _store_rows(base, g1, rows, stride_t, T, HALF)
-    _store_rows(base + HALF, g2, rows, stride_t, T, HALF)
+        HALF: tl.constexpr = HEAD_DIM // 2
+        g1, g2 = tl.split(tl.permute(tl.reshape(g, (BLOCK, 2, HALF)), (0, 2, 1)))
+        cos, sin = _rope_cos_sin(COS, SIN, rows, T, tl.arange(0, HALF), HALF)
+        _store_rows(base, g1 * cos + g2 * sin, rows, stride_t, T, HALF)
+        _store_rows(base + HALF, g2 * cos - g1 * sin, rows, stride_t, T, HALF)
+    else:
+        _store_rows(base, g, rows, stride_t, T, HEAD_DIM)
 
 
 @triton.jit
@@ -99,12 +111,6 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _scores(a1, a2, b1, b2, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b^T from the halves of a and b: a1 @ b1^T + a2 @ b2^T."""
-    return _dot(a2, tl.trans(b2), _dot(a1, tl.trans(b1), None, PRECISION, UPCAST), PRECISION, UPCAST)
 
 
 @triton.jit
@@ -118,14 +124,14 @@ def _keep(rows, cols, T, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, lo, hi, T, qk_scale,
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, lo, hi, T, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr,
                PRECISION: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
     """Online softmax over the key tiles lo .. hi of one query tile; MASKED for the tiles that need it."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k1, k2 = _load_qk(k_base, cols, stride_kt, T, COS, SIN, HEAD_DIM // 2, ROPE)
-        s = _scores(q1, q2, k1, k2, PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
+        k = _load_qk(k_base, cols, stride_kt, T, COS, SIN, HEAD_DIM, ROPE)
+        s = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
         if MASKED:
             s = tl.where(_keep(rows, cols, T, CAUSAL), s, float("-inf"))
         # Every row has a finite score in the first tile it meets (key 0 is never masked), so m_new is
@@ -148,13 +154,12 @@ def _attn_fwd(Q, K, V, O, LSE, COS, SIN,
               UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Q, K, V: (B, T, H, HEAD_DIM), any strides with a contiguous last dim (views into a fused QKV
     # projection). O: contiguous (B, T, H, HEAD_DIM). LSE: (B, H, T) fp32, natural-log row log-sum-exp.
-    # COS, SIN: (T, HEAD_DIM // 2) fp32 RoPE tables, None without ROPE. T_BUCKET only keys the autotuner.
+    # COS, SIN: (>= T, HEAD_DIM // 2) fp32 RoPE tables, None without ROPE. T_BUCKET only keys the autotuner.
     # Grid: (cdiv(T, BLOCK_M), B * H); BLOCK_N divides BLOCK_M.
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     rows = start_m + tl.arange(0, BLOCK_M)
-    q1, q2 = _load_qk(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, stride_qt, T, COS, SIN, HEAD_DIM // 2,
-                      ROPE)
+    q = _load_qk(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, stride_qt, T, COS, SIN, HEAD_DIM, ROPE)
     k_base = K + _head_offset(bh, H, stride_kb, stride_kh)
     v_base = V + _head_offset(bh, H, stride_vb, stride_vh)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -167,10 +172,10 @@ def _attn_fwd(Q, K, V, O, LSE, COS, SIN,
     else:  # only the last key tile can run past T
         n_full = (T // BLOCK_N) * BLOCK_N
         n_end = T
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, 0, n_full,
-                               T, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, ROPE, PRECISION, UPCAST, False)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, n_full,
-                               n_end, T, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, ROPE, PRECISION, UPCAST, True)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, 0, n_full, T,
+                               qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, ROPE, PRECISION, UPCAST, False)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, n_full, n_end,
+                               T, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, ROPE, PRECISION, UPCAST, True)
     o_base = O + _head_offset(bh, H, T * H * HEAD_DIM, HEAD_DIM)
     _store_rows(o_base, acc / l_i[:, None], rows, H * HEAD_DIM, T, HEAD_DIM)
     tl.store(LSE + bh * T + rows, (m_i + tl.math.log2(l_i)) * _LN2, mask=rows < T)
@@ -189,27 +194,27 @@ def _attn_bwd_preprocess(O, DO, DELTA, H, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl
 
 
 @triton.jit
-def _dkdv_tiles(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, COS, SIN,
-                cols, lo, hi, T, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr,
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, COS, SIN, cols, lo, hi,
+                T, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr,
                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
-    """Accumulate dK (unscaled, in halves) and dV of one key tile over the query tiles lo .. hi, transposed."""
+    """Accumulate dK (unscaled) and dV of one key tile over the query tiles lo .. hi, in transposed form."""
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q1, q2 = _load_qk(q_base, rows, stride_qt, T, COS, SIN, HEAD_DIM // 2, ROPE)
+        q = _load_qk(q_base, rows, stride_qt, T, COS, SIN, HEAD_DIM, ROPE)
         do = _load_rows(do_base, rows, stride_dot, T, HEAD_DIM)
         in_seq = rows < T
         # Rows past T get lse = +inf, hence p = 0: they add nothing to dK or dV.
         lse = tl.load(lse_base + rows, mask=in_seq, other=float("inf")) * _LOG2E
         delta = tl.load(delta_base + rows, mask=in_seq, other=0.0)
-        p_t = tl.math.exp2(_scores(k1, k2, q1, q2, PRECISION, UPCAST) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+        s_t = _dot(k, tl.trans(q), None, PRECISION, UPCAST) * qk_scale  # (BLOCK_N, BLOCK_M): scores, transposed
+        p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:  # causal diagonal, transposed
             p_t = tl.where(cols[:, None] <= rows[None, :], p_t, 0.0)
         dv = _dot(p_t.to(do.dtype), do, dv, PRECISION, UPCAST)
         dp_t = _dot(v, tl.trans(do), None, PRECISION, UPCAST)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q1.dtype)
-        dk1 = _dot(ds_t, q1, dk1, PRECISION, UPCAST)
-        dk2 = _dot(ds_t, q2, dk2, PRECISION, UPCAST)
-    return dk1, dk2, dv
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _dot(ds_t.to(q.dtype), q, dk, PRECISION, UPCAST)
+    return dk, dv
 
 
 @triton.jit
@@ -221,50 +226,46 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COS, SIN,
     # Q, K, V as in _attn_fwd. DO, DK, DV: contiguous (B, T, H, HEAD_DIM). LSE, DELTA: (B, H, T) fp32.
     # One program owns BLOCK_N keys of one head and sweeps the query tiles that attend to them.
     # Grid: (cdiv(T, BLOCK_N), B * H); BLOCK_M divides BLOCK_N.
-    HALF: tl.constexpr = HEAD_DIM // 2
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     cols = start_n + tl.arange(0, BLOCK_N)
-    k1, k2 = _load_qk(K + _head_offset(bh, H, stride_kb, stride_kh), cols, stride_kt, T, COS, SIN, HALF, ROPE)
+    k = _load_qk(K + _head_offset(bh, H, stride_kb, stride_kh), cols, stride_kt, T, COS, SIN, HEAD_DIM, ROPE)
     v = _load_rows(V + _head_offset(bh, H, stride_vb, stride_vh), cols, stride_vt, T, HEAD_DIM)
     q_base = Q + _head_offset(bh, H, stride_qb, stride_qh)
     grad_offset = _head_offset(bh, H, T * H * HEAD_DIM, HEAD_DIM)
     do_base = DO + grad_offset
-    dk1 = tl.zeros([BLOCK_N, HALF], tl.float32)
-    dk2 = tl.zeros([BLOCK_N, HALF], tl.float32)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * _LOG2E
     if CAUSAL:  # queries on the diagonal: masked; queries after it: no mask; queries before it: skipped
         m_full = tl.minimum(start_n + BLOCK_N, T)
-        dk1, dk2, dv = _dkdv_tiles(dk1, dk2, dv, k1, k2, v, q_base, do_base, LSE + bh * T, DELTA + bh * T,
-                                   stride_qt, H * HEAD_DIM, COS, SIN, cols, start_n, m_full, T, qk_scale, HEAD_DIM,
-                                   BLOCK_M, ROPE, PRECISION, UPCAST, True)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE + bh * T, DELTA + bh * T, stride_qt, H * HEAD_DIM,
+                             COS, SIN, cols, start_n, m_full, T, qk_scale, HEAD_DIM, BLOCK_M, ROPE, PRECISION, UPCAST,
+                             True)
     else:  # keys past T are never stored, so nothing needs a mask
         m_full = 0
-    dk1, dk2, dv = _dkdv_tiles(dk1, dk2, dv, k1, k2, v, q_base, do_base, LSE + bh * T, DELTA + bh * T, stride_qt,
-                               H * HEAD_DIM, COS, SIN, cols, m_full, T, T, qk_scale, HEAD_DIM, BLOCK_M, ROPE,
-                               PRECISION, UPCAST, False)
-    _store_qk_grad(DK + grad_offset, dk1 * sm_scale, dk2 * sm_scale, cols, H * HEAD_DIM, T, COS, SIN, HALF, ROPE)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE + bh * T, DELTA + bh * T, stride_qt, H * HEAD_DIM,
+                         COS, SIN, cols, m_full, T, T, qk_scale, HEAD_DIM, BLOCK_M, ROPE, PRECISION, UPCAST, False)
+    _store_qk_grad(DK + grad_offset, dk * sm_scale, cols, H * HEAD_DIM, T, COS, SIN, BLOCK_N, HEAD_DIM, ROPE)
     _store_rows(DV + grad_offset, dv, cols, H * HEAD_DIM, T, HEAD_DIM)
 
 
 @triton.jit
-def _dq_tiles(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, lo, hi, T,
-              qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr,
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, lo, hi, T, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr,
               PRECISION: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
-    """Accumulate dQ (unscaled, in halves) of one query tile over the key tiles lo .. hi."""
+    """Accumulate dQ (unscaled) of one query tile over the key tiles lo .. hi."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k1, k2 = _load_qk(k_base, cols, stride_kt, T, COS, SIN, HEAD_DIM // 2, ROPE)
+        k = _load_qk(k_base, cols, stride_kt, T, COS, SIN, HEAD_DIM, ROPE)
         v = _load_rows(v_base, cols, stride_vt, T, HEAD_DIM)
-        p = tl.math.exp2(_scores(q1, q2, k1, k2, PRECISION, UPCAST) * qk_scale - lse[:, None])
+        p = tl.math.exp2(_dot(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale - lse[:, None])
         if MASKED:
             p = tl.where(_keep(rows, cols, T, CAUSAL), p, 0.0)
         dp = _dot(do, tl.trans(v), None, PRECISION, UPCAST)
-        ds = (p * (dp - delta[:, None])).to(k1.dtype)
-        dq1 = _dot(ds, k1, dq1, PRECISION, UPCAST)
-        dq2 = _dot(ds, k2, dq2, PRECISION, UPCAST)
-    return dq1, dq2
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, PRECISION, UPCAST)
+    return dq
 
 
 @triton.jit
@@ -276,11 +277,10 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, COS, SIN,
     # Q, K, V as in _attn_fwd. DO, DQ: contiguous (B, T, H, HEAD_DIM). LSE, DELTA: (B, H, T) fp32.
     # One program owns BLOCK_M queries of one head and sweeps the key tiles they attend to.
     # Grid: (cdiv(T, BLOCK_M), B * H); BLOCK_N divides BLOCK_M.
-    HALF: tl.constexpr = HEAD_DIM // 2
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     rows = start_m + tl.arange(0, BLOCK_M)
-    q1, q2 = _load_qk(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, stride_qt, T, COS, SIN, HALF, ROPE)
+    q = _load_qk(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, stride_qt, T, COS, SIN, HEAD_DIM, ROPE)
     grad_offset = _head_offset(bh, H, T * H * HEAD_DIM, HEAD_DIM)
     do = _load_rows(DO + grad_offset, rows, H * HEAD_DIM, T, HEAD_DIM)
     in_seq = rows < T
@@ -288,8 +288,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, COS, SIN,
     delta = tl.load(DELTA + bh * T + rows, mask=in_seq, other=0.0)
     k_base = K + _head_offset(bh, H, stride_kb, stride_kh)
     v_base = V + _head_offset(bh, H, stride_vb, stride_vh)
-    dq1 = tl.zeros([BLOCK_M, HALF], tl.float32)
-    dq2 = tl.zeros([BLOCK_M, HALF], tl.float32)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * _LOG2E
     if CAUSAL:  # same tile split as the forward pass
         n_full = start_m
@@ -297,31 +296,45 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, COS, SIN,
     else:
         n_full = (T // BLOCK_N) * BLOCK_N
         n_end = T
-    dq1, dq2 = _dq_tiles(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, 0,
-                         n_full, T, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, ROPE, PRECISION, UPCAST, False)
-    dq1, dq2 = _dq_tiles(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows,
-                         n_full, n_end, T, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, ROPE, PRECISION, UPCAST, True)
-    _store_qk_grad(DQ + grad_offset, dq1 * sm_scale, dq2 * sm_scale, rows, H * HEAD_DIM, T, COS, SIN, HALF, ROPE)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, 0, n_full, T,
+                   qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, ROPE, PRECISION, UPCAST, False)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, n_full, n_end, T,
+                   qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, ROPE, PRECISION, UPCAST, True)
+    _store_qk_grad(DQ + grad_offset, dq * sm_scale, rows, H * HEAD_DIM, T, COS, SIN, BLOCK_M, HEAD_DIM, ROPE)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Autotuning: a few candidates per kernel for the BASE (T=256) and DEEP (T=512) shapes at D=64 on Hopper
-# and Ampere, pruned by sequence length and shared memory before any is compiled.
+# Autotuning: a few candidates per kernel, chosen for the BASE (T=256) and DEEP (T=512) shapes at D=64 on
+# Hopper and Ampere (checked free of register spills there), pruned by length and shared memory before
+# any is compiled. Key: T rounded up to a power of two, D, causal, RoPE, and the dtypes (triton adds them).
 # ----------------------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). fwd and dq own BLOCK_M queries; dkdv owns BLOCK_N keys.
-_FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)]
-_DKDV_CONFIGS = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 4)]
-_DQ_CONFIGS = [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (64, 16, 4, 4)]
+# The last of each list fits an A100's shared memory even at D=128 with RoPE in fp32.
+_FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4),
+                (64, 32, 4, 2)]
+_DKDV_CONFIGS = [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 2), (16, 64, 4, 4), (16, 32, 4, 3)]
+_DQ_CONFIGS = [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (64, 16, 4, 4),
+               (32, 16, 4, 2)]
 # The interpreter would "benchmark" every candidate on the CPU: it gets one small config, with unequal
-# BLOCK_M and BLOCK_N so tests cover both unmasked and diagonal tiles at small T.
+# BLOCK_M and BLOCK_N so that tests at small T cover unmasked and diagonal tiles alike.
 _INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+_AUTOTUNE_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "ROPE"]
 _PREPROCESS_BLOCK = 64
 
 
-def _configs(name: str, candidates: list[tuple]) -> list[triton.Config]:
-    chosen = [_INTERPRETER_CONFIGS[name]] if is_interpreter() else candidates
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in chosen]
+def _triton_configs(candidates: list[tuple]) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
+
+
+def _smem_bytes(kernel: str, m: int, n: int, stages: int, head_dim: int, elem: int, rope: bool) -> int:
+    """Shared memory a config needs at least: the tiles a program loads once plus, for each of stages - 1
+    pipelined iterations in flight, the streamed tiles and, with RoPE, the streamed q or k tile's partner
+    load and fp32 cos and sin rows. Measured on Triton 3.6: exact on Ampere; Hopper adds one more stage of
+    K/V (or Q/dO), and the autotuner then skips what fails to fit. Rows of head_dim elements."""
+    once, streamed, streamed_qk = {"fwd": (m, 2 * n, n), "dkdv": (2 * n, 2 * m, m), "dq": (2 * m, 2 * n, n)}[kernel]
+    per_stage = elem * streamed + ((elem + 8) * streamed_qk if rope else 0)
+    return head_dim * (elem * once + (stages - 1) * per_stage)
 
 
 @functools.cache
@@ -329,38 +342,33 @@ def _max_shared_mem(device_index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
-def _pruner(owned: str, smem_rows):
-    """early_config_prune for a kernel whose programs own BLOCK_<owned> rows of T.
+def _pruner(kernel: str):
+    """early_config_prune: drop configs whose own tile (the rows a program owns) is longer than T rounded
+    up to a power of two (mostly padding, and too few programs), always keeping the shortest tile, and
+    configs that overflow shared memory."""
+    owned = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"
 
-    Drops configs whose owned tile is longer than T rounded up to a power of two (mostly padding, and too
-    few programs), keeping the smallest tile, and configs whose tiles (smem_rows(BLOCK_M, BLOCK_N,
-    stages) rows of HEAD_DIM elements: the resident tiles plus one set of streamed tiles per pipeline
-    stage) overflow shared memory.
-    """
     def prune(configs, named_args, **kwargs):
-        q, t_bucket = named_args["Q"], named_args["T_BUCKET"]
-        row_bytes = kwargs["HEAD_DIM"] * q.element_size()
-        budget = _max_shared_mem(q.device.index)
-        longest = max(t_bucket, min(c.kwargs[owned] for c in configs))
+        q = named_args["Q"]
 
         def smem(c):
-            return smem_rows(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) * row_bytes
+            return _smem_bytes(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, kwargs["HEAD_DIM"],
+                               q.element_size(), kwargs["ROPE"])
 
-        kept = [c for c in configs if c.kwargs[owned] <= longest and smem(c) <= budget]
-        return kept or [min(configs, key=smem)]
+        longest = max(named_args["T_BUCKET"], min(c.kwargs[owned] for c in configs))
+        budget = _max_shared_mem(q.device.index)
+        return [c for c in configs if c.kwargs[owned] <= longest and smem(c) <= budget] or [min(configs, key=smem)]
     return prune
 
 
-_AUTOTUNE_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "ROPE"]  # plus the tensors' dtypes, which triton adds
-_attn_fwd = triton.autotune(  # resident: Q; streamed: K, V
-    _configs("fwd", _FWD_CONFIGS), key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _pruner("BLOCK_M", lambda m, n, s: m + 2 * n * s)})(_attn_fwd)
-_attn_bwd_dkdv = triton.autotune(  # resident: K, V; streamed: Q, dO
-    _configs("dkdv", _DKDV_CONFIGS), key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _pruner("BLOCK_N", lambda m, n, s: 2 * n + 2 * m * s)})(_attn_bwd_dkdv)
-_attn_bwd_dq = triton.autotune(  # resident: Q, dO; streamed: K, V
-    _configs("dq", _DQ_CONFIGS), key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _pruner("BLOCK_M", lambda m, n, s: 2 * m + 2 * n * s)})(_attn_bwd_dq)
+def _autotune(kernel: str, candidates: list[tuple]):
+    configs = _triton_configs([_INTERPRETER_CONFIGS[kernel]] if is_interpreter() else candidates)
+    return triton.autotune(configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner(kernel)})
+
+
+_attn_fwd = _autotune("fwd", _FWD_CONFIGS)(_attn_fwd)
+_attn_bwd_dkdv = _autotune("dkdv", _DKDV_CONFIGS)(_attn_bwd_dkdv)
+_attn_bwd_dq = _autotune("dq", _DQ_CONFIGS)(_attn_bwd_dq)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -368,20 +376,21 @@ _attn_bwd_dq = triton.autotune(  # resident: Q, dO; streamed: K, V
 # ----------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=32)
-def _rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device):
-    """fp32 (T, D/2) cos and sin tables, the ones rope_reference uses; cached, as every layer asks for the same."""
-    return rope_cos_sin(seq_len, head_dim, theta, 0, device=device, dtype=torch.float32)
+def _rope_tables(positions: int, head_dim: int, theta: float, device: torch.device):
+    """fp32 (positions, D/2) cos and sin tables, the ones rope_reference uses. Cached, as every layer asks
+    for the same; callers round the length up to a power of two so that growing lengths (sampling) reuse them."""
+    return rope_cos_sin(positions, head_dim, theta, 0, device=device, dtype=torch.float32)
 
 
 def _common_args(q, k, v, rope_theta):
     """Arguments shared by the three attention kernels: RoPE tables, strides, sizes, scale, constexprs."""
-    B, T, H, D = q.shape
-    cos, sin = _rope_tables(T, D, rope_theta, q.device) if rope_theta is not None else (None, None)
-    runtime = (cos, sin, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], H, T, triton.next_power_of_2(T),
-               1.0 / math.sqrt(D))
+    _, T, H, D = q.shape
+    t_bucket = triton.next_power_of_2(T)
+    cos, sin = _rope_tables(t_bucket, D, rope_theta, q.device) if rope_theta is not None else (None, None)
+    runtime = (cos, sin, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], H, T, t_bucket, 1.0 / math.sqrt(D))
     # fp32 inputs get exact fp32 products (else tf32); the precision is ignored for 16-bit inputs.
-    constexprs = dict(HEAD_DIM=D, ROPE=rope_theta is not None, UPCAST=is_interpreter(),
-                      PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    constexprs = {"HEAD_DIM": D, "ROPE": rope_theta is not None, "UPCAST": is_interpreter(),
+                  "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}
     return runtime, constexprs
 
 
@@ -390,7 +399,7 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _flash_fwd(q, k, v, causal: bool, rope_theta: Optional[float], out=None, lse=None):
+def _flash_fwd(q, k, v, causal: bool, rope_theta: float | None, out=None, lse=None):
     """(o, lse): o contiguous (B, T, H, D), lse (B, H, T) fp32. out / lse: buffers to write into (tests)."""
     B, T, H, D = q.shape
     o = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype) if out is None else out
@@ -402,7 +411,7 @@ def _flash_fwd(q, k, v, causal: bool, rope_theta: Optional[float], out=None, lse
     return o, lse
 
 
-def _flash_bwd(do, q, k, v, o, lse, causal: bool, rope_theta: Optional[float], dq=None, dk=None, dv=None):
+def _flash_bwd(do, q, k, v, o, lse, causal: bool, rope_theta: float | None, dq=None, dk=None, dv=None):
     """(dq, dk, dv), each contiguous (B, T, H, D); dq / dk / dv: buffers to write into (tests)."""
     B, T, H, D = q.shape
     do, o = do.contiguous(), o.contiguous()  # no-ops for what autograd hands over
@@ -425,7 +434,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal: bool, rope_theta: Optional[float], d
 
 @torch.library.custom_op("charlm::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                       rope_theta: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+                       rope_theta: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     return _flash_fwd(q, k, v, causal, rope_theta)
 
 
@@ -438,7 +447,7 @@ def _(q, k, v, causal, rope_theta):
 @torch.library.custom_op("charlm::flash_attn_bwd", mutates_args=())
 def _flash_attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                        lse: torch.Tensor, causal: bool,
-                       rope_theta: Optional[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       rope_theta: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _flash_bwd(do, q, k, v, o, lse, causal, rope_theta)
 
 
@@ -479,7 +488,8 @@ def _check_inputs(q, k, v, rope_theta) -> None:
         raise ValueError(f"flash_attn: q, k, v must have the same shape (B, T, H, D), got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not q.dtype == k.dtype == v.dtype or q.dtype not in DTYPES:
-        raise ValueError(f"flash_attn: q, k, v must share one dtype among {DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"flash_attn: q, k, v must share one dtype among {DTYPES}, "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.device == k.device == v.device:
         raise ValueError(f"flash_attn: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.shape[-1] not in HEAD_DIMS:
@@ -489,7 +499,7 @@ def _check_inputs(q, k, v, rope_theta) -> None:
 
 
 def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-               rope_theta: Optional[float] = None) -> torch.Tensor:
+               rope_theta: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention with scale 1/sqrt(D): q, k, v (B, T, H, D) -> o, contiguous (B, T, H, D).
 
     q, k, v may be any views with a contiguous last dim (e.g. unbound from a fused QKV projection viewed
@@ -504,7 +514,7 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                        rope_theta: Optional[float] = None) -> torch.Tensor:
+                        rope_theta: float | None = None) -> torch.Tensor:
     """Pure-PyTorch attention, (B, T, H, D) in and out: explicit scores and masked softmax, computed in at
     least float32 and returned in the input dtype. Materialises the (B, H, T, T) scores."""
     if rope_theta is not None:

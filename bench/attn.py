@@ -1,0 +1,156 @@
+"""Causal attention: charlm's Triton flash attention against torch's SDPA backends, FlexAttention and
+naive attention, in one run.
+
+    python bench/attn.py          # CUDA GPU: T in {256, 512, 1024, 2048} x D in {64, 128}, bf16
+    python bench/attn.py --cpu    # no GPU: one tiny fp32 case through Triton's interpreter (a smoke test)
+
+Shapes follow FlashAttention's benchmark: B * T = 16384 tokens and H = 2048 / D heads (width 2048).
+q, k, v are views into one fused (B, T, 3 * H * D) QKV projection output that requires grad, as the
+model passes them; providers that take (B, H, T, D) get transposed views of them (no copies).
+
+FLOPs: forward = 4 * B * H * T^2 * D / 2 (QK^T and PV, 2 * T^2 * D each per head, half of the causal
+scores skipped); forward + backward = 3.5 x forward (the backward's five matmuls, one of them QK^T
+recomputed, make 2.5 x forward). Peak memory: torch.cuda.max_memory_allocated during the timed calls,
+inputs included.
+
+Providers: sdpa-flash, sdpa-cudnn, sdpa-efficient (torch.nn.attention.sdpa_kernel; a backend that raises
+is skipped), flex (compiled flex_attention with a causal block mask), naive (nanoGPT's fallback: masked
+softmax of the materialised scores, in the input dtype), triton (charlm's kernel), triton+rope (RoPE
+fused into the kernel) and rope+triton (apply_rope, then the kernel: the unfused comparison).
+speedup_vs_best_sdpa is the fastest SDPA backend's ms over the provider's, so above 1 is faster.
+"""
+import argparse
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():  # as in tests/conftest.py: triton.jit reads this when the kernels are imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # torch < 2.5
+    flex_attention = None
+
+from charlm.kernels.flash_attn import flash_attn  # noqa: E402
+from charlm.kernels.rope import apply_rope  # noqa: E402
+from common import append_history, peak_memory_gb, print_table, record, time_ms  # noqa: E402
+
+THETA = 10000.0
+TOKENS, WIDTH = 16384, 2048
+# (B, T, H, D)
+GPU_CASES = [(TOKENS // T, T, WIDTH // D, D) for D in (64, 128) for T in (256, 512, 1024, 2048)]
+CPU_CASES = [(1, 32, 2, 32)]
+PASSES = ("fwd", "fwd+bwd")
+CHARLM = ("triton", "triton+rope", "rope+triton")  # every other provider is a baseline
+TABLE_COLUMNS = ["T", "D", "pass", "impl", "ms", "tflops", "peak_mem_gb", "speedup_vs_best_sdpa"]
+
+
+def _bhtd(q, k, v):
+    """(B, T, H, D) views -> (B, H, T, D) views, the layout of SDPA and FlexAttention."""
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def sdpa(backend):
+    def attend(q, k, v):
+        with torch.nn.attention.sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(*_bhtd(q, k, v), is_causal=True).transpose(1, 2)
+    return attend
+
+
+def flex(T: int, device: torch.device):
+    block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, T, T, device=device)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: compiled(*_bhtd(q, k, v), block_mask=block_mask).transpose(1, 2)
+
+
+def naive(T: int, device: torch.device):
+    """nanoGPT's attention without flash: materialised scores, masked, softmax, in the input dtype."""
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+    def attend(q, k, v):
+        q, k, v = _bhtd(q, k, v)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        return (att.masked_fill(~causal, float("-inf")).softmax(dim=-1) @ v).transpose(1, 2)
+    return attend
+
+
+def providers(T: int, device: torch.device) -> dict:
+    charlm = {"triton": flash_attn,
+              "triton+rope": lambda q, k, v: flash_attn(q, k, v, rope_theta=THETA),
+              "rope+triton": lambda q, k, v: flash_attn(*apply_rope(q, k, THETA), v)}
+    if device.type != "cuda":
+        return {"naive": naive(T, device), **charlm}
+    backends = torch.nn.attention.SDPBackend
+    baselines = {"sdpa-flash": sdpa(backends.FLASH_ATTENTION), "sdpa-cudnn": sdpa(backends.CUDNN_ATTENTION),
+                 "sdpa-efficient": sdpa(backends.EFFICIENT_ATTENTION)}
+    if flex_attention is not None:
+        baselines["flex"] = flex(T, device)
+    return {**baselines, "naive": naive(T, device), **charlm}
+
+
+def step(attend, q, k, v, do, pass_: str):
+    """The timed call: forward only (inputs requiring grad, as in training), or forward and backward."""
+    if pass_ == "fwd":
+        return lambda: attend(q, k, v)
+    return lambda: torch.autograd.grad(attend(q, k, v), (q, k, v), do)
+
+
+def runs(name: str, attend, q, k, v, do) -> bool:
+    """Whether a provider runs here (an SDPA backend may not support the GPU, dtype or shape)."""
+    try:
+        step(attend, q, k, v, do, "fwd+bwd")()
+        return True
+    except Exception as e:  # whatever a backend raises, the others are still worth measuring
+        print(f"skipping {name}: {type(e).__name__}: {e}".splitlines()[0])
+        return False
+
+
+def bench_case(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: torch.device) -> list[dict]:
+    qkv = torch.randn(B, T, 3 * H * D, device=device, dtype=dtype, requires_grad=True)
+    q, k, v = qkv.view(B, T, 3, H, D).unbind(2)
+    do = torch.randn(B, T, H, D, device=device, dtype=dtype)
+    impls = {name: fn for name, fn in providers(T, device).items() if runs(name, fn, q, k, v, do)}
+    timing = {"warmup": 5, "rep": 20} if device.type == "cuda" else {"warmup": 1, "rep": 3}
+    rows = []
+    for pass_ in PASSES:
+        flops = 4 * B * H * T * T * D / 2 * (1 if pass_ == "fwd" else 3.5)
+        case = {"B": B, "T": T, "H": H, "D": D, "dtype": str(dtype).removeprefix("torch."), "causal": True,
+                "layout": "fused_qkv", "pass": pass_}
+        measured = {}
+        for name, attend in impls.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            ms = time_ms(step(attend, q, k, v, do, pass_), device=device, **timing)
+            measured[name] = ms, peak_memory_gb(device)
+        best_sdpa = min((ms for name, (ms, _) in measured.items() if name.startswith("sdpa")), default=None)
+        for name, (ms, peak) in measured.items():
+            rows.append(record("attn", name, case, ms, baseline=name not in CHARLM, tflops=flops / ms / 1e9,
+                               peak_mem_gb=peak, device=device,
+                               speedup_vs_best_sdpa=best_sdpa / ms if best_sdpa else None))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu", action="store_true",
+                        help="without a CUDA GPU, time one tiny fp32 case through Triton's interpreter")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() and not args.cpu:
+        print("bench/attn.py: no CUDA GPU, nothing measured (--cpu smoke-tests the script through "
+              "Triton's interpreter)")
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = [row for case in (GPU_CASES if device.type == "cuda" else CPU_CASES)
+            for row in bench_case(*case, dtype, device)]
+    print(f"causal attention, {rows[0]['case']['dtype']}, on {rows[0]['device']}; "
+          "TFLOP/s from fwd = 4 * B * H * T^2 * D / 2, fwd+bwd = 3.5 x fwd")
+    print_table([{**r, **{key: r["case"][key] for key in ("T", "D", "pass")}} for r in rows], TABLE_COLUMNS)
+    append_history(rows)
+
+
+if __name__ == "__main__":
+    main()
