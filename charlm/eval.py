@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from charlm.categorize import category_slug
@@ -29,6 +28,7 @@ from charlm.checkpoint import best_checkpoint, latest_checkpoint, load_checkpoin
 from charlm.config import Config
 from charlm.data import DataError, category_spans, load_meta
 from charlm.io import atomic_write_text
+from charlm.loss import token_nll
 from charlm.model import GPT
 from charlm.train import autocast, dataset_dir
 
@@ -78,8 +78,7 @@ def split_bpc(model: GPT, tokens: np.ndarray, block_size: int, stride: int, batc
         rows = np.stack([tokens[s:s + T + 1] for s, _ in chunk]).astype(np.int64)
         x, y = torch.from_numpy(rows[:, :-1]).to(device), torch.from_numpy(rows[:, 1:]).to(device)
         with amp:
-            logits = model.lm_head(model.hidden(x))
-        nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # (B, T)
+            nll = token_nll(model.hidden(x).flatten(0, 1), model.lm_head.weight, y.flatten()).view(y.shape)
         first = torch.tensor([f for _, f in chunk], device=device)
         mask = torch.arange(T, device=device)[None, :] >= first[:, None]
         total += (nll * mask).sum(dtype=torch.float64)

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from charlm.data import load_meta
+from charlm.loss import IGNORE_INDEX
 from charlm.tipa import SCOPES, reverse_positions, window_positions, word_table
 
 try:
@@ -50,7 +51,6 @@ try:
 except ImportError:
     _loader = None
 
-IGNORE_INDEX = -100  # y and t of padding in sequential order
 ORDERS = ("random", "sequential")
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
 _M64 = (1 << 64) - 1

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from charlm.config import Config
+from charlm.loss import chunk_rows, uses_chunked_loss
 
 GB = 2**30
 
@@ -109,17 +110,29 @@ def head_bytes_per_token(cfg: Config) -> tuple[int, int]:
     C, V = cfg.n_embd, cfg.vocab_size
     act = activation_bytes(cfg)
     tipa_classes = cfg.tipa_max + 1 if cfg.tipa else 0
+    # The LM loss keeps lm_head's input (bf16 cast of ln_f's output) and fp32 log-probabilities, or, chunked
+    # (charlm.loss), the fp32 gradient of the hidden states it computed in the forward pass.
+    lm_loss_saved = 4 * C if uses_chunked_loss(V) else act * C + 4 * V
     saved = (
         8 + 8                                  # token ids and targets (int64), for embedding and loss
         + (DROPOUT_MASK_BYTES * C if cfg.dropout > 0 else 0)  # embedding dropout
         + 4 * C + 2 * 4                        # ln_f: input and mean/rstd
-        + act * C                              # lm_head's input (bf16 cast of ln_f's output)
-        + 4 * V                                # fp32 log-probabilities kept by cross-entropy
-        + (act * C + 4 * tipa_classes + 8 if cfg.tipa else 0)  # the TIPA head: same pattern
+        + lm_loss_saved
+        + (act * C + 4 * tipa_classes + 8 if cfg.tipa else 0)  # the TIPA head: unchunked
     )
     # The loss's peak: bf16 logits (or their gradient), the fp32 copy (or its gradient), the log-probs' gradient.
-    loss_working_set = (act + 4 + 4) * (V + tipa_classes)
+    loss_working_set = (act + 4 + 4) * ((0 if uses_chunked_loss(V) else V) + tipa_classes)
     return saved, loss_working_set
+
+
+def chunked_loss_bytes(cfg: Config, micro_batch: int) -> int:
+    """The chunked LM loss's working set: one chunk's fp32 logits (their gradient in place), their cast to
+    the matmul dtype, and the fp32 gradient of the head's weight."""
+    V = cfg.vocab_size
+    if not uses_chunked_loss(V):
+        return 0
+    logits = min(chunk_rows(V), micro_batch * cfg.block_size) * V
+    return (4 + activation_bytes(cfg)) * logits + 4 * V * cfg.n_embd
 
 
 def memory_breakdown(cfg: Config, micro_batch: int, checkpoint_layers: int, world_size: int = 1) -> dict[str, int]:
@@ -144,6 +157,7 @@ def memory_breakdown(cfg: Config, micro_batch: int, checkpoint_layers: int, worl
         "model_state": MODEL_STATE_BYTES_PER_PARAM * params,
         "weight_casts": WEIGHT_CAST_BYTES_PER_PARAM * linear_params if uses_autocast(cfg) else 0,
         "activations": micro_batch * cfg.block_size * per_token,
+        "loss_chunk": chunked_loss_bytes(cfg, micro_batch),
     }
     terms["fragmentation"] = int(FRAGMENTATION_MARGIN * sum(terms.values()))
     terms["cuda_context"] = CUDA_CONTEXT_BYTES

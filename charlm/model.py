@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from charlm.config import Config
 from charlm.kernels.flash_attn import attention_reference, flash_attn
 from charlm.kernels.rope import apply_rope, rope_reference
+from charlm.loss import linear_cross_entropy, uses_chunked_loss
 
 
 def sdpa_attention(q, k, v):
@@ -142,13 +143,18 @@ class GPT(nn.Module):
         """idx, targets, tipa_targets: (B, T) int64. Returns (logits, lm_loss, tipa_loss).
 
         Without targets only the last position's logits are computed (generation). lm_loss is the mean
-        next-token cross-entropy in nats; tipa_loss is None unless the model has a TIPA head and targets.
+        next-token cross-entropy in nats (with a vocabulary too large for full logits, charlm.loss computes
+        it in chunks and logits is None); tipa_loss is None unless the model has a TIPA head and targets.
         """
         x = self.hidden(idx)  # (B, T, C)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None, None
-        logits = self.lm_head(x)
-        lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        if uses_chunked_loss(self.cfg.vocab_size):  # unicode vocabularies: logits never materialised
+            logits = None
+            lm_loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        else:
+            logits = self.lm_head(x)
+            lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
         tipa_loss = None
         if self.tipa_head is not None and tipa_targets is not None:
             tipa_logits = self.tipa_head(x).float()

@@ -72,6 +72,8 @@ def cpu_minus_cuda_bytes_per_token(cfg) -> int:
     {"dtype": "bfloat16", "attn": "naive"},
     {"dtype": "float32", "dropout": 0.1, "checkpoint_layers": 1},
     {"dtype": "float32", "attn": "naive"},
+    {"dtype": "bfloat16", "vocab_size": 2048},  # chunked LM loss (charlm.loss)
+    {"dtype": "float32", "vocab_size": 2048, "tipa": True},
 ])
 def test_activation_terms_match_what_autograd_saves(overrides):
     """Every term of the per-token model, to the byte: what two batch sizes' saved tensors differ by.
@@ -108,7 +110,8 @@ class LiveBytes(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("overrides", [
-    {}, {"checkpoint_layers": 2}, {"attn": "naive", "dtype": "float32"}, {"vocab_size": 6000, "tipa": True}])
+    {}, {"checkpoint_layers": 2}, {"attn": "naive", "dtype": "float32"}, {"vocab_size": 6000, "tipa": True},
+    {"vocab_size": 6000, "block_size": 256}])  # the last: several chunks of the LM loss (charlm.loss)
 def test_estimate_bounds_the_measured_peak(overrides):
     """The peak of a forward and backward pass on the CPU (every tensor the step creates: activations,
     weight casts, transients, gradients) is below the estimate of those terms, and not far below."""
@@ -124,7 +127,7 @@ def test_estimate_bounds_the_measured_peak(overrides):
         (lm_loss if tipa_loss is None else lm_loss + tipa_loss).backward()
     terms = memory_breakdown(cfg, batch, max(cfg.checkpoint_layers, 0))
     gradients = 4 * parameter_counts(cfg)[0]
-    predicted = terms["activations"] + terms["weight_casts"] + gradients
+    predicted = terms["activations"] + terms["weight_casts"] + terms["loss_chunk"] + gradients
     del lm_loss, tipa_loss
     assert tracker.now == gradients  # all that outlives the step
     assert 0.6 * predicted < tracker.peak <= predicted
