@@ -137,6 +137,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true",
                         help="without a CUDA GPU, time one tiny fp32 case through Triton's interpreter")
+    parser.add_argument("--no-history", action="store_true", help="print only; append nothing")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.cpu:
         print("bench/attn.py: no CUDA GPU, nothing measured (--cpu smoke-tests the script through "
@@ -149,7 +150,8 @@ def main() -> None:
     print(f"causal attention, {rows[0]['case']['dtype']}, on {rows[0]['device']}; "
           "TFLOP/s from fwd = 4 * B * H * T^2 * D / 2, fwd+bwd = 3.5 x fwd")
     print_table([{**r, **{key: r["case"][key] for key in ("T", "D", "pass")}} for r in rows], TABLE_COLUMNS)
-    append_history(rows)
+    if not args.no_history:
+        append_history(rows)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true",
                         help="without a CUDA GPU, time one tiny case through Triton's interpreter")
+    parser.add_argument("--no-history", action="store_true", help="print only; append nothing")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.cpu:
         print("bench/rope.py: no CUDA GPU, nothing measured (--cpu smoke-tests the script through "
@@ -85,7 +86,8 @@ def main() -> None:
             for row in bench_case(*case, device, impls)]
     print(f"rope, {rows[0]['case']['dtype']}, on {rows[0]['device']}")
     print_table([{**r, "case": r["case"]["name"], "pass": r["case"]["pass"]} for r in rows], TABLE_COLUMNS)
-    append_history(rows)
+    if not args.no_history:
+        append_history(rows)
 
 
 if __name__ == "__main__":

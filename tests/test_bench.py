@@ -30,3 +30,28 @@ def test_train_bench_compares_both_configurations_on_the_cpu():
 def test_train_bench_needs_a_gpu_without_tiny(monkeypatch):
     out = run_bench(BENCH / "train.py", "--no-history")
     assert "no CUDA GPU" in out
+
+
+def table(out: str, first_column: str) -> list[list[str]]:
+    """The rows of a printed table (header included), from its header line on."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == [first_column])
+    return [line.split() for line in lines[start:] if line.strip()]
+
+
+def test_attn_bench_times_every_provider_on_the_cpu():
+    out = run_bench(BENCH / "attn.py", "--cpu", "--no-history")
+    header, *rows = table(out, "T")
+    assert header == ["T", "D", "pass", "impl", "ms", "tflops", "peak_mem_gb", "speedup_vs_best_sdpa"]
+    assert {(r[2], r[3]) for r in rows} == {(p, i) for p in ("fwd", "fwd+bwd")
+                                            for i in ("naive", "triton", "triton+rope", "rope+triton")}
+    assert all(float(r[4]) > 0 for r in rows)
+    assert "fwd = 4 * B * H * T^2 * D / 2" in out
+
+
+def test_rope_bench_compares_with_eager_and_compiled_on_the_cpu():
+    out = run_bench(BENCH / "rope.py", "--cpu", "--no-history")
+    header, *rows = table(out, "case")
+    assert header[:3] == ["case", "pass", "impl"] and "frac_of_copy_bw" in header
+    assert {(r[1], r[2]) for r in rows} == {(p, i) for p in ("fwd", "fwd+bwd") for i in ("eager", "compile", "triton")}
+    assert all(float(r[header.index("speedup_vs_eager")]) == 1.0 for r in rows if r[2] == "eager")
