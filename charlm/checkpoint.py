@@ -18,8 +18,9 @@ MANIFEST = "checkpoints.json"
 FORMAT = 1  # bump when the checkpoint layout changes incompatibly
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(ValueError):
+    """A checkpoint or manifest that cannot be used (unreadable, or from an incompatible version): bad
+    input, reported by the command-line tools like any other."""
 
 
 def _sha256(path: Path) -> str:
@@ -97,8 +98,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    state = torch.load(path, map_location=map_location, weights_only=False)
-    if state.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: checkpoint format {state.get('format')} is not supported "
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch.load raises whatever unpickling a damaged or foreign file provokes
+        raise CheckpointError(f"{path}: not a readable charlm checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: checkpoint format {found} is not supported "
                               f"(this charlm reads format {FORMAT})")
     return state

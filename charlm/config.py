@@ -107,7 +107,15 @@ class Config:
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
             (self.micro_batch_size == 0 or self.batch_size % self.micro_batch_size == 0,
              f"micro_batch_size ({self.micro_batch_size}) must divide batch_size ({self.batch_size})"),
-            (self.log_interval > 0 and self.eval_interval > 0, "log_interval and eval_interval must be positive"),
+            (self.log_interval > 0 and self.eval_interval > 0 and self.eval_iters > 0,
+             "log_interval, eval_interval and eval_iters must be positive"),
+            (self.learning_rate > 0 and 0.0 <= self.min_lr_ratio <= 1.0 and self.warmup_iters >= 0,
+             f"learning_rate must be positive ({self.learning_rate}), min_lr_ratio in [0, 1] "
+             f"({self.min_lr_ratio}) and warmup_iters non-negative ({self.warmup_iters})"),
+            (self.weight_decay >= 0 and self.grad_clip >= 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+             "weight_decay and grad_clip must be non-negative and beta1, beta2 in [0, 1)"),
+            (self.keep_checkpoints >= 1 and self.max_bad_steps >= 1 and self.ckpt_interval >= 0,
+             "keep_checkpoints and max_bad_steps must be at least 1 and ckpt_interval non-negative"),
         ]
         errors = [msg for ok, msg in checks if not ok]
         if errors:

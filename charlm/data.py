@@ -74,6 +74,9 @@ def download(url: str, dest: Path) -> Path:
                     while chunk := resp.read(1 << 20):
                         tmp.write(chunk)
                         bar.update(len(chunk))
+        except OSError as e:  # URLError included: no network, a wrong URL, a refused connection
+            Path(tmp.name).unlink(missing_ok=True)
+            raise DataError(f"could not download {url}: {e}; with a local copy, pass --from-file PATH") from e
         except BaseException:
             Path(tmp.name).unlink(missing_ok=True)
             raise
@@ -205,14 +208,20 @@ def prepare_enwik8(data_root: Path, tokenization: str = "bytes", from_file: Path
     if is_prepared(out_dir, tokenization, ENWIK8_SHA256):
         print(f"{out_dir} is already prepared; nothing to do")
         return out_dir
-    if from_file is None:
+    downloaded = from_file is None
+    if downloaded:
         from_file = Path(data_root) / "downloads" / "enwik8.zip"
         if not from_file.is_file():
             download(url, from_file)
-    data = read_source(from_file)
-    if len(data) != ENWIK8_BYTES or sha256(data) != ENWIK8_SHA256:
-        raise DataError(f"{from_file}: not enwik8: expected {ENWIK8_BYTES} bytes with sha256 {ENWIK8_SHA256}, "
-                        f"got {len(data)} bytes with sha256 {sha256(data)}")
+    try:
+        data = read_source(from_file)
+        if len(data) != ENWIK8_BYTES or sha256(data) != ENWIK8_SHA256:
+            raise DataError(f"{from_file}: not enwik8: expected {ENWIK8_BYTES} bytes with sha256 {ENWIK8_SHA256}, "
+                            f"got {len(data)} bytes with sha256 {sha256(data)}")
+    except DataError:
+        if downloaded:  # a bad download must not be reused by the next call (with a corrected --url, say)
+            from_file.unlink(missing_ok=True)
+        raise
     meta = prepare(data, out_dir, tokenization, {"name": "enwik8", "path": str(from_file)})
     print(f"wrote {out_dir}: {meta['splits']} tokens, vocab {meta['vocab_size']}")
     return out_dir

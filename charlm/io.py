@@ -56,10 +56,15 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if path.exists():
-            shutil.rmtree(path)
+        # An old folder is renamed aside, not deleted, before the new one takes its name: a crash between
+        # the two renames leaves it whole (under the aside name), never neither.
+        old = tmp.with_suffix(".old") if path.exists() else None
+        if old is not None:
+            os.replace(path, old)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

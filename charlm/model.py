@@ -37,11 +37,13 @@ ROPE = {"torch": rope_reference, "triton": apply_rope}
 def pick_impls(cfg: Config, device: torch.device | None = None) -> tuple[str, str]:
     """Resolve `auto` attention/RoPE choices for a device.
 
-    SDPA and the PyTorch RoPE stay the CUDA defaults until the Triton kernels have been checked on a GPU
-    (bench/attn.py, bench/rope.py); `--attn triton --rope-impl triton` selects them explicitly.
+    RoPE: the Triton kernel on CUDA (one pass over q and k instead of several), the PyTorch reference
+    elsewhere. Attention: SDPA, until bench/attn.py has shown the Triton kernel at least as fast on a GPU;
+    `--attn triton` selects it (and fuses RoPE into it).
     """
     attn = "sdpa" if cfg.attn == "auto" else cfg.attn
-    rope = "torch" if cfg.rope_impl == "auto" else cfg.rope_impl
+    on_cuda = device is not None and device.type == "cuda"
+    rope = ("triton" if on_cuda else "torch") if cfg.rope_impl == "auto" else cfg.rope_impl
     return attn, rope
 
 

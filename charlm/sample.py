@@ -15,6 +15,9 @@ from charlm.train import autocast, dataset_dir
 
 def sample(run_dir: Path, prompt: str, max_new_tokens: int = 500, temperature: float = 0.8,
            top_k: int | None = None, num_samples: int = 1, seed: int = 0, device: str = "auto") -> list[str]:
+    if max_new_tokens < 0 or num_samples < 1 or (top_k is not None and top_k < 1) or not temperature > 0:
+        raise ValueError(f"sample: max_new_tokens must be >= 0 ({max_new_tokens}), num_samples >= 1 "
+                         f"({num_samples}), top_k >= 1 or unset ({top_k}) and temperature > 0 ({temperature})")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model, cfg, _ = load_model(Path(run_dir), dev)
     meta = load_meta(dataset_dir(cfg))

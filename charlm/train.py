@@ -35,7 +35,7 @@ from charlm.config import Config, add_config_args, config_from_args
 from charlm.data import DataError, category_spans, load_meta
 from charlm.gpu import GPUMonitor
 from charlm.io import atomic_write_text
-from charlm.loader import BatchLoader
+from charlm.loader import BatchLoader, splitmix64
 from charlm.memory import MemoryPlan, MemoryPlanError, cap_process_memory, device_capacity_bytes, format_oom, plan_memory
 from charlm.model import GPT, pick_impls
 from charlm.plots import plot_curves
@@ -116,17 +116,10 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+def dropout_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of one rank's dropout masks at one step: a pure function, like the batches, so that a
+    resumed run (any rank of it) draws exactly the masks it would have drawn without the interruption."""
+    return splitmix64(splitmix64(splitmix64(seed) ^ step) ^ rank) >> 1  # manual_seed takes < 2**63
 
 
 def _row_step(line: str) -> float:
@@ -135,6 +128,10 @@ def _row_step(line: str) -> float:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return math.inf
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on without losing work; the message says why and which checkpoint to resume from."""
 
 
 class Trainer:
@@ -163,7 +160,6 @@ class Trainer:
             self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                              gradient_as_bucket_view=True)  # no second copy of the gradients
         self.autocast = autocast(cfg, self.device)
-        torch.manual_seed(cfg.seed + self.dist.rank)  # dropout masks differ across ranks
 
         pin = self.device.type == "cuda"
         loader_args = dict(block_size=cfg.block_size, seed=cfg.seed, rank=self.dist.rank,
@@ -176,6 +172,7 @@ class Trainer:
         self.best_val_bpc = float("inf")
         # Counted on the device so that checking for non-finite steps needs no host sync in the step.
         self.bad_streak = torch.zeros((), device=self.device)
+        self.longest_bad_streak = torch.zeros((), device=self.device)  # since the last check
         self.skipped_steps = torch.zeros((), device=self.device)
         self.stop_signal: int | None = None
 
@@ -194,6 +191,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.cfg)
         x, y, t = self.train_loader.batch(step)
+        torch.manual_seed(dropout_seed(self.cfg.seed, step, self.dist.rank))
         lm_total = torch.zeros((), device=self.device)
         tipa_total = torch.zeros((), device=self.device) if self.cfg.tipa else None
         self.model.train()
@@ -225,6 +223,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.bad_streak = (self.bad_streak + 1) * bad
+        self.longest_bad_streak = torch.maximum(self.longest_bad_streak, self.bad_streak)
         self.skipped_steps += bad
 
     @torch.no_grad()
@@ -254,19 +253,19 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "config": self.cfg.to_dict(), "rng": rng_state(self.device), "best_val_bpc": self.best_val_bpc}
+                "config": self.cfg.to_dict(), "best_val_bpc": self.best_val_bpc}
 
     def save(self) -> None:
         """Checkpoint the current step (rank 0). A failed write leaves the previous checkpoint intact."""
         if not self.dist.master:
             return
         if not all(torch.isfinite(p).all() for p in self.raw_model.parameters()):
-            raise RuntimeError(f"refusing to checkpoint non-finite weights at step {self.step}; "
+            raise RunStopped(f"refusing to checkpoint non-finite weights at step {self.step}; "
                                f"the last good checkpoint is {latest_checkpoint(self.run_dir)}")
         try:
             save_checkpoint(self.run_dir, self.step, self.state_dict(), keep=self.cfg.keep_checkpoints)
         except OSError as e:
-            raise RuntimeError(f"could not write a checkpoint of step {self.step} to {self.run_dir} ({e}); "
+            raise RunStopped(f"could not write a checkpoint of step {self.step} to {self.run_dir} ({e}); "
                                f"the previous one, {latest_checkpoint(self.run_dir)}, is intact") from e
 
     def _load_compatible(self, path: Path) -> dict:
@@ -290,11 +289,20 @@ class Trainer:
         state = self._load_compatible(path)
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], self.device)
         self.step, self.best_val_bpc = state["step"], state["best_val_bpc"]
         if not self.quiet:
             print(f"resumed {self.run_dir} at step {self.step} from {path.name}")
         return True
+
+    def check_ranks_agree_on_step(self) -> None:
+        """Every rank must start from the same checkpoint: across nodes, --out-dir must be shared storage."""
+        if self.dist.world_size == 1:
+            return
+        steps = torch.tensor([self.step, -self.step], device=self.device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        if steps[0] != -steps[1]:
+            raise ValueError(f"ranks start from different steps ({-steps[1].item()} to {steps[0].item()}): "
+                             f"{self.run_dir} must be one folder that every node reads (shared storage)")
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric rows after `step` (the checkpoint resumed from, or 0 for a fresh start after a crash
@@ -328,10 +336,24 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def _signalled_alone(self) -> bool:
+        """A signal stops a single process at the end of the current step; ranks of a distributed run
+        act on it together, at the next step they all log, evaluate or checkpoint."""
+        return self.dist.world_size == 1 and self.stop_signal is not None
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank has received SIGTERM/SIGINT: the same answer on every rank."""
+        flag = torch.tensor(float(self.stop_signal is not None), device=self.device)
+        if self.dist.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def _check_bad_streak(self) -> None:
-        streak = int(self.bad_streak.item())
+        """Stop if max_bad_steps consecutive steps were skipped at any point since the last check."""
+        streak = int(self.longest_bad_streak.item())
+        self.longest_bad_streak.zero_()
         if streak >= self.cfg.max_bad_steps:
-            raise RuntimeError(f"{streak} consecutive steps had a non-finite loss (each was skipped); stopping "
+            raise RunStopped(f"{streak} consecutive steps had a non-finite loss (each was skipped); stopping "
                                f"at step {self.step}. The last good checkpoint is {latest_checkpoint(self.run_dir)}: "
                                f"lower --learning-rate or check the data, then --resume")
 
@@ -366,9 +388,10 @@ class Trainer:
                 bar.update(1)
                 is_last = self.step == stop
                 eval_now = self.step % cfg.eval_interval == 0 or is_last
-                stopping = self.stop_signal is not None
-                if self.step % cfg.log_interval and not eval_now and not stopping:
+                ckpt_now = self.step % ckpt_interval == 0 or is_last
+                if self.step % cfg.log_interval and not (eval_now or ckpt_now or self._signalled_alone()):
                     continue
+                stopping = self._stop_requested()
                 train_loss = self._global_mean(lm_loss)
                 elapsed = time.perf_counter() - t0
                 row = {"step": self.step, "train_loss": train_loss, "train_bpc": train_loss / LN2,
@@ -389,7 +412,7 @@ class Trainer:
                 self._log(row)
                 bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_bpc", "val_bpc") if k in row}
                                 | {"tok/s": f"{row['tokens_per_s']:.0f}"})
-                if self.step % ckpt_interval == 0 or is_last or stopping:
+                if ckpt_now or stopping:
                     self.save()
                 if stopping:
                     if not self.quiet:
@@ -429,6 +452,7 @@ def train(cfg: Config, d: Dist | None = None) -> Trainer:
                          f"or choose another --out-dir")
     elif cfg.init_from:
         trainer.init_from(Path(cfg.init_from))
+    trainer.check_ranks_agree_on_step()
     try:
         trainer.run()
     except torch.cuda.OutOfMemoryError as e:
@@ -448,7 +472,7 @@ def main(argv=None) -> None:
         finally:
             if d.world_size > 1:
                 dist.destroy_process_group()
-    except (ValueError, DataError, MemoryPlanError) as e:
+    except (ValueError, DataError, MemoryPlanError, RunStopped) as e:
         sys.exit(f"error: {e}")
 
 

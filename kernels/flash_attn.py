@@ -12,7 +12,7 @@ MASKED constant). Any T: rows past T read as zero, are never stored, and get lse
 they contribute nothing.
 
 RoPE (rope_theta set; half-split convention, row t at position t): q and k tiles are rotated as they are
-loaded, from the fp32 cos/sin tables of rope_cos_sin that rope_reference uses, and rounded to the input
+loaded, from the fp32 cos/sin tables (rope.cos_sin_table) that rope_reference uses, and rounded to the input
 dtype as rope_reference rounds them; so the result is rope_reference then attention, without a separate
 RoPE pass over memory. Backward rotates dq and dk back by minus the angle: gradients w.r.t. the inputs.
 
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rope import rope_cos_sin, rope_reference
+from .rope import cos_sin_table, rope_reference
 from .utils import check_last_dim_contiguous, is_interpreter, triton_runs_on
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in base 2: exp2 is what the hardware computes
@@ -375,18 +375,11 @@ _attn_bwd_dq = _autotune("dq", _DQ_CONFIGS)(_attn_bwd_dq)
 # Launchers
 # ----------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=32)
-def _rope_tables(positions: int, head_dim: int, theta: float, device: torch.device):
-    """fp32 (positions, D/2) cos and sin tables, the ones rope_reference uses. Cached, as every layer asks
-    for the same; callers round the length up to a power of two so that growing lengths (sampling) reuse them."""
-    return rope_cos_sin(positions, head_dim, theta, 0, device=device, dtype=torch.float32)
-
-
 def _common_args(q, k, v, rope_theta):
     """Arguments shared by the three attention kernels: RoPE tables, strides, sizes, scale, constexprs."""
     _, T, H, D = q.shape
     t_bucket = triton.next_power_of_2(T)
-    cos, sin = _rope_tables(t_bucket, D, rope_theta, q.device) if rope_theta is not None else (None, None)
+    cos, sin = cos_sin_table(t_bucket, D, rope_theta, q.device) if rope_theta is not None else (None, None)
     runtime = (cos, sin, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], H, T, t_bucket, 1.0 / math.sqrt(D))
     # fp32 inputs get exact fp32 products (else tf32); the precision is ignored for 16-bit inputs.
     constexprs = {"HEAD_DIM": D, "ROPE": rope_theta is not None, "UPCAST": is_interpreter(),

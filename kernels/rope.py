@@ -94,9 +94,11 @@ def _rope_kernel(
 
 
 @functools.lru_cache(maxsize=16)
-def _cos_sin_table(n_positions: int, head_dim: int, theta: float,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """rope_cos_sin for positions 0 .. n_positions - 1: row offset + t is row t of rope_cos_sin(..., offset)."""
+def cos_sin_table(n_positions: int, head_dim: int, theta: float,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_cos_sin for positions 0 .. n_positions - 1 in fp32, cached: every layer asks for the same.
+    Row offset + t is row t of rope_cos_sin(..., offset). Callers round n_positions up to a power of 2 so
+    that growing lengths (generation) rebuild it rarely. Shared with flash_attn's fused RoPE."""
     return rope_cos_sin(n_positions, head_dim, theta, device=device)
 
 
@@ -105,8 +107,7 @@ def _rope_launch(q: torch.Tensor, k: torch.Tensor, q_out: torch.Tensor, k_out: t
     """Writes RoPE of q, k (rotation by -angle if inverse) into the contiguous q_out, k_out. One launch."""
     batch, seq_len, q_heads, head_dim = q.shape
     k_heads = k.shape[2]
-    # Round the table up to a power of 2 so that a growing offset (generation) rebuilds it rarely.
-    cos, sin = _cos_sin_table(triton.next_power_of_2(offset + seq_len), head_dim, theta, q.device)
+    cos, sin = cos_sin_table(triton.next_power_of_2(offset + seq_len), head_dim, theta, q.device)
     q_heads_pad, k_heads_pad = triton.next_power_of_2(q_heads), triton.next_power_of_2(k_heads)
     half_pad = triton.next_power_of_2(head_dim // 2)
     # About 8 elements of each half-row tile per thread: one 16-byte vector in bf16.

@@ -41,6 +41,11 @@ def test_every_field_is_a_flag():
     ({"micro_batch_size": 5}, "must divide batch_size"),
     ({"dropout": 1.0}, "dropout"),
     ({"block_size": 0}, "must be positive"),
+    ({"eval_iters": 0}, "eval_iters must be positive"),
+    ({"learning_rate": -1.0}, "learning_rate must be positive \\(-1.0\\)"),
+    ({"min_lr_ratio": 2.0}, "min_lr_ratio in \\[0, 1\\] \\(2.0\\)"),
+    ({"beta2": 1.0}, "beta1, beta2 in"),
+    ({"keep_checkpoints": 0}, "keep_checkpoints and max_bad_steps must be at least 1"),
 ])
 def test_invalid_configs_name_the_problem(overrides, message):
     with pytest.raises(ValueError, match=message):

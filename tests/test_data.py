@@ -1,6 +1,7 @@
 import hashlib
 import io
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -94,6 +95,42 @@ def test_enwik8_download_from_url(fake_enwik8, tmp_path):
     out = prepare_enwik8(tmp_path / "data", url=archive.as_uri())
     assert load_meta(out)["splits"]["train"] == int(0.9 * data.ENWIK8_BYTES)
     assert (tmp_path / "data" / "downloads" / "enwik8.zip").read_bytes() == archive.read_bytes()
+
+
+def test_failed_download_is_a_clear_error(tmp_path):
+    url = (tmp_path / "nowhere" / "enwik8.zip").as_uri()
+    with pytest.raises(DataError, match=f"could not download {url}.*--from-file"):
+        prepare_enwik8(tmp_path / "data", url=url)
+    assert list((tmp_path / "data" / "downloads").iterdir()) == []  # no partial file left
+
+
+def test_bad_download_is_not_reused(fake_enwik8, tmp_path):
+    _, archive = fake_enwik8
+    wrong = tmp_path / "wrong.zip"
+    wrong.write_bytes(b"<html>moved</html>")
+    with pytest.raises(DataError, match="not a zip archive"):
+        prepare_enwik8(tmp_path / "data", url=wrong.as_uri())
+    out = prepare_enwik8(tmp_path / "data", url=archive.as_uri())  # the corrected URL is fetched anew
+    assert load_meta(out)["splits"]["train"] == int(0.9 * data.ENWIK8_BYTES)
+
+
+def test_replacing_a_dataset_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    prepare(make_corpus(2000), tmp_path / "ds", "bytes")
+    old_train = (tmp_path / "ds" / "train.bin").read_bytes()
+    real_replace, folder_renames = os.replace, []
+
+    def crash_on_second_folder_rename(src, dst):  # old folder aside, then new folder in: crash in between
+        if os.path.isdir(src):
+            folder_renames.append(src)
+            if len(folder_renames) == 2:
+                raise OSError("power cut")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_second_folder_rename)
+    with pytest.raises(OSError, match="power cut"):
+        prepare(make_corpus(3000), tmp_path / "ds", "bytes")
+    kept = [d for d in tmp_path.iterdir() if (d / "train.bin").is_file()]
+    assert [(d / "train.bin").read_bytes() for d in kept] == [old_train]  # the old dataset survives whole
 
 
 def test_enwik8_wrong_checksum_names_file_and_expectation(fake_enwik8, tmp_path):

@@ -12,7 +12,9 @@ import torch
 
 from charlm.checkpoint import latest_checkpoint, load_checkpoint
 from charlm.config import resolve
-from charlm.train import Trainer, train
+from charlm.data import prepare
+from charlm.eval import main as eval_main
+from charlm.train import RunStopped, Trainer, main as train_main, train
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +53,9 @@ def wait_for_step(run_dir, step, proc, timeout=90):
 def test_sigkill_at_random_moments_loses_nothing(tiny_dataset, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(train_cmd(tiny_dataset, straight), check=True, env=run_env(), capture_output=True)
-    rng = random.Random()
+    seed = int(os.environ.get("CHARLM_TEST_SEED", random.randrange(2**32)))
+    print(f"kill moments drawn with CHARLM_TEST_SEED={seed}")  # shown by pytest when the test fails
+    rng = random.Random(seed)
     resumed_from = []
     for target in sorted(rng.sample(range(1, 20), 3)):
         ckpt = latest_checkpoint(killed)
@@ -103,8 +107,9 @@ def poisoned(trainer: Trainer, bad_steps: set[int]):
 
 def tiny_trainer(tiny_dataset, run_dir, **overrides):
     root, name = tiny_dataset
-    cfg = resolve("base", "tiny", dataset=name, data_root=str(root), out_dir=str(run_dir), device="cpu",
-                  compile=False, batch_size=8, eval_interval=5, eval_iters=2, log_interval=1, **overrides)
+    values = dict(dataset=name, data_root=str(root), out_dir=str(run_dir), device="cpu", compile=False, batch_size=8,
+                  eval_interval=5, eval_iters=2, log_interval=1)
+    cfg = resolve("base", "tiny", **values | overrides)
     return Trainer(cfg, quiet=True)
 
 
@@ -127,10 +132,70 @@ def test_nonfinite_loss_skips_the_update_and_is_logged(tiny_dataset, tmp_path):
 def test_a_run_of_bad_steps_stops_and_points_at_the_last_good_checkpoint(tiny_dataset, tmp_path):
     trainer = tiny_trainer(tiny_dataset, tmp_path / "run", max_iters=30, max_bad_steps=3)
     poisoned(trainer, set(range(5, 30)))
-    with pytest.raises(RuntimeError, match="3 consecutive steps.*ckpt_00000005.pt"):
+    with pytest.raises(RunStopped, match="3 consecutive steps.*ckpt_00000005.pt"):
         trainer.run()
     state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert state["step"] == 5 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_a_run_of_bad_steps_between_log_rows_still_stops(tiny_dataset, tmp_path):
+    trainer = tiny_trainer(tiny_dataset, tmp_path / "run", max_iters=20, max_bad_steps=3, log_interval=10,
+                           eval_interval=10)
+    poisoned(trainer, {2, 3, 4})  # good again from step 5 on, long before the log row of step 10
+    with pytest.raises(RunStopped, match="3 consecutive steps"):
+        trainer.run()
+    assert trainer.step == 10
+
+
+def test_checkpoints_follow_ckpt_interval_between_log_rows(tiny_dataset, tmp_path):
+    trainer = tiny_trainer(tiny_dataset, tmp_path / "run", max_iters=9, log_interval=10, eval_interval=100,
+                           ckpt_interval=3, keep_checkpoints=5)
+    trainer.run()
+    manifest = json.loads((tmp_path / "run" / "checkpoints.json").read_text())
+    assert [e["step"] for e in manifest["checkpoints"]] == [3, 6, 9]
+
+
+def test_nonfinite_weights_are_never_checkpointed(tiny_dataset, tmp_path):
+    trainer = tiny_trainer(tiny_dataset, tmp_path / "run", max_iters=4)
+    trainer.run(until=2)
+    good = latest_checkpoint(tmp_path / "run")
+    with torch.no_grad():
+        next(trainer.raw_model.parameters()).fill_(float("nan"))
+    with pytest.raises(RunStopped, match=f"refusing to checkpoint non-finite weights.*{good.name}"):
+        trainer.save()
+    assert latest_checkpoint(tmp_path / "run") == good
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tiny_dataset, tmp_path, monkeypatch):
+    trainer = tiny_trainer(tiny_dataset, tmp_path / "run", max_iters=4)
+    trainer.run(until=2)
+    good = latest_checkpoint(tmp_path / "run")
+
+    def disk_full(obj, f):  # the device fills up part-way through the write
+        f.write(b"partial checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    trainer.step = 3
+    with pytest.raises(RunStopped, match=f"could not write a checkpoint of step 3.*{good.name}, is intact"):
+        trainer.save()
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "run") == good and load_checkpoint(good)["step"] == 2
+
+
+def test_cli_rejects_a_foreign_checkpoint_and_another_vocabulary(tiny_dataset, tmp_path, capsys):
+    root, name = tiny_dataset
+    run = tmp_path / "run"
+    args = ["--preset", "tiny", "--data-root", str(root), "--out-dir", str(run), "--device", "cpu",
+            "--batch-size", "8", "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1"]
+    train_main(["--dataset", name, *args])
+    prepare("ab ba aab bba ".encode() * 400, root / "two-letters", "unicode", {"name": "two-letters"})
+    with pytest.raises(SystemExit, match="vocab_size 256 does not match dataset .*two-letters"):
+        train_main(["--dataset", "two-letters", "--resume", *args])
+    latest = latest_checkpoint(run)
+    latest.write_bytes(b"garbage, not a checkpoint")
+    with pytest.raises(SystemExit, match=f"{latest}: not a readable charlm checkpoint"):
+        eval_main([str(run), "--checkpoint", str(latest)])
 
 
 def test_checkpoint_from_another_model_is_rejected(tiny_dataset, tmp_path):

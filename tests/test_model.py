@@ -39,15 +39,25 @@ def test_forward_backward_shapes(variant):
     assert (model.wpe is None) == (cfg.pos_embedding == "rope")
 
 
+# (attn, rope_impl): the references, the RoPE kernel, and flash attention with RoPE fused in.
+IMPLS = [("sdpa", "torch"), ("naive", "torch"), ("sdpa", "triton"), ("triton", "torch")]
+
+
 @pytest.mark.parametrize("variant", ["base", "rope"])
-def test_attention_implementations_agree(variant):
-    x, y, _ = batch(tiny(variant))
-    outputs = {}
-    for attn in ("sdpa", "naive"):
+def test_attention_and_rope_implementations_agree(variant, kernel_device):
+    """Logits and gradients of every implementation choice match (Triton through its interpreter on the CPU)."""
+    x, y, _ = (t.to(kernel_device) for t in batch(tiny(variant)))
+    results = []
+    for attn, rope in IMPLS:
         torch.manual_seed(0)
-        model = GPT(tiny(variant, attn=attn)).eval()
-        outputs[attn] = model(x, y)[0]
-    torch.testing.assert_close(outputs["sdpa"], outputs["naive"], rtol=1e-5, atol=1e-5)
+        model = GPT(tiny(variant, attn=attn, rope_impl=rope, n_head=2)).to(kernel_device)  # head dim 16
+        logits, loss, _ = model(x, y)
+        results.append((logits, torch.autograd.grad(loss, list(model.parameters()))))
+    (ref_logits, ref_grads), *others = results
+    for (attn, rope), (logits, grads) in zip(IMPLS[1:], others):
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5, msg=f"{attn}/{rope}")
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6, msg=f"{attn}/{rope}")
 
 
 def test_model_is_causal():

@@ -117,3 +117,6 @@ def test_sample_generates_text(tiny_dataset, tmp_path):
     train(tiny_cfg(tiny_dataset, run, max_iters=5, eval_interval=5))
     texts = sample(run, "<page>", max_new_tokens=20, num_samples=2, device="cpu")
     assert len(texts) == 2 and all(t.startswith("<page>") for t in texts)
+    for bad in ({"top_k": 0}, {"max_new_tokens": -1}, {"temperature": 0.0}):
+        with pytest.raises(ValueError, match="sample: max_new_tokens must be"):
+            sample(run, "<page>", device="cpu", **bad)
