@@ -10,8 +10,9 @@ Both configurations run the same model, global batch (64 sequences) and memory p
   charlm    Triton RoPE and flash attention (RoPE fused in), torch.compile, fused AdamW, the C++ loader
 Step time is the median over timed optimizer steps after warm-up and compilation; tokens/s = tokens per
 step / step time. MFU = flops_per_token * tokens/s / peak bf16 dense FLOP/s of the device, with flops_per_token =
-6 * N + 6 * n_layer * block_size * n_embd (N = parameters without position embeddings; the second term is
-causal attention's score and value matmuls, forward and backward). Peak memory is
+6 * (N - V * n_embd) + 6 * n_layer * block_size * n_embd (N = parameters without position embeddings, less
+the token embedding, a lookup; the second term is causal attention's score and value matmuls, forward and
+backward). Peak memory is
 torch.cuda.max_memory_allocated over the timed steps.
 """
 import argparse
@@ -146,7 +147,8 @@ def main() -> None:
         rows = [row for name, variant, overrides in CASES if name in wanted
                 for row in bench_case(data_dir, tmp, name, variant, overrides, args)]
     print_table([{**r, "case": r["case"]["name"]} for r in rows], TABLE_COLUMNS)
-    print("MFU = (6 N + 6 n_layer block_size n_embd) * tokens/s / peak bf16 FLOP/s; N excludes position embeddings")
+    print("MFU = (6 (N - V n_embd) + 6 n_layer block_size n_embd) * tokens/s / peak bf16 FLOP/s; "
+          "N excludes position embeddings")
     if not args.no_history:
         append_history(rows)
 

@@ -33,6 +33,7 @@ import html
 import importlib.util
 import itertools
 import json
+import os
 import re
 import sys
 from collections import Counter
@@ -342,6 +343,8 @@ def load_embedder(model: str | None):
         return SentenceTransformer(str(path), local_files_only=True), str(path)
     if Path(model).expanduser().is_dir():
         return SentenceTransformer(str(Path(model).expanduser()), local_files_only=True), model
+    if model.startswith((".", "~", os.sep)) or model.count("/") > 1:  # a hub name is "org/name"
+        raise DataError(f"--model {model}: no such model folder")
     return SentenceTransformer(model), model  # a hub model, named explicitly: the user asked for the download
 
 
@@ -426,10 +429,12 @@ class Method:
 
 
 def pick_method(method: str) -> str:
-    """`auto`: embed when sentence-transformers is installed, else keywords."""
+    """`auto`: embed when sentence-transformers and the packaged all-MiniLM-L6-v2 are installed (no download
+    needed), else keywords."""
     if method != "auto":
         return method
-    return "embed" if importlib.util.find_spec("sentence_transformers") is not None else "keywords"
+    embeds = importlib.util.find_spec("sentence_transformers") is not None and packaged_model_path() is not None
+    return "embed" if embeds else "keywords"
 
 
 def read_split(data_dir: Path, split: str, meta: dict) -> np.ndarray:

@@ -259,20 +259,20 @@ def run_stage(scheme: Scheme, state: dict, stage: Stage, init: Path | None) -> P
 
 
 def evaluate_stage(scheme: Scheme, stage: Stage, record: dict, checkpoint: Path) -> None:
-    """Full-pass val and test BPC of the stage's final checkpoint, and a fine-tune's on its category's val
-    subset; kept in the record, and not redone while the checkpoint stays the same."""
+    """Full-pass val and test BPC of the stage's final checkpoint, and for a fine-tune or a post-train, BPC
+    on its category's val subset; kept in the record, and not redone while the checkpoint stays the same."""
     if record.get("evaluated") == identity(checkpoint):
         return
     run_dir, device = scheme.stage_dir(stage), scheme.base.device
     full = evaluate(run_dir, device=device, checkpoint=checkpoint)
     record.update(val_bpc=full["val_bpc"], test_bpc=full["test_bpc"], subset_val_bpc=None)
-    if stage.kind == "fine":
+    if stage.category:
         subset = evaluate(run_dir, device=device, splits=("val",), checkpoint=checkpoint,
                           category=f"{scheme.categories}/{stage.category}")
         record["subset_val_bpc"] = subset["val_bpc"]
     record["evaluated"] = identity(checkpoint)
     print(f"=== {stage.name}: val bpc {full['val_bpc']:.4f}, test bpc {full['test_bpc']:.4f}"
-          + (f", {stage.category} val subset bpc {record['subset_val_bpc']:.4f}" if stage.kind == "fine" else ""))
+          + (f", {stage.category} val subset bpc {record['subset_val_bpc']:.4f}" if stage.category else ""))
 
 
 def select_experts(scheme: Scheme, state: dict) -> list[Stage]:
@@ -365,7 +365,7 @@ def plot_finetune_curves(scheme_dir: Path, state: dict) -> Path | None:
         val = [row for row in rows if "val_bpc" in row]
         style = {"color": "grey", "label": "pre-training"} if r["kind"] == "pre" else \
             {"color": colors(i % 20), "label": r["category"]}
-        ax_train.plot([offset + row["step"] for row in rows], [row["train_bpc"] for row in rows], **style)
+        ax_train.plot([offset + row["step"] for row in rows], [row["train_bpc"] for row in rows], ".-", ms=3, **style)
         ax_val.plot([offset + row["step"] for row in val], [row["val_bpc"] for row in val], "o-", ms=3, **style)
     ax_train.set_title("train BPC (fine-tunes: on their own subset)")
     ax_val.set_title("val BPC estimate (global val split)")

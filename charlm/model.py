@@ -178,13 +178,15 @@ class GPT(nn.Module):
                                  fused=True)
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token: 6N for the matmuls of the weights plus 6 * L * T * C for causal attention.
+        """Training FLOPs per token: 6 (N - V C) for the matmuls of the weights (the token embedding is a
+        lookup, not a matmul; the LM head is not tied to it and counts) plus 6 * L * T * C for causal attention.
 
         Attention scores and values cost 2 * 2 * T * C per token and layer forward for full attention;
         causal masking halves it, and backward is twice forward: 3 * 2 * T * C * L = 6 * L * T * C.
         """
-        n, cfg = self.num_params(), self.cfg
-        return 6 * n + 6 * cfg.n_layer * cfg.block_size * cfg.n_embd
+        cfg = self.cfg
+        matmul_params = self.num_params() - self.wte.weight.numel()
+        return 6 * matmul_params + 6 * cfg.n_layer * cfg.block_size * cfg.n_embd
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):

@@ -18,7 +18,7 @@ finished runs (result.json written) and resumes interrupted ones. Runs keep one 
 settings: a re-run with another budget or config is refused rather than mixed with finished runs.
 
 Equal compute. The budget is the same for every run: training FLOPs (default) or tokens. A condition's
-FLOPs per token come from `GPT.flops_per_token` (6N + 6 * L * T * C, charlm.model), its tokens per step
+FLOPs per token come from `GPT.flops_per_token` (6 (N - V C) + 6 * L * T * C, charlm.model), its tokens per step
 are batch_size * block_size, and it trains for floor(budget / (FLOPs per token * tokens per step)) steps,
 so that no run exceeds the budget: DEEP gets fewer steps than BASE. The LR schedule of each run decays
 over its own steps (warm-up stays warmup_iters steps), so every condition gets a complete schedule.
@@ -110,7 +110,7 @@ class Condition:
     name: str  # as given on the command line, e.g. "deep+rope" or "experts:base"
     cfg: Config  # resolved, dataset attached; seed, max_iters and out_dir are set per run
     params: int  # non-embedding-position parameters, as in flops_per_token
-    flops_per_token: float  # training FLOPs per token (6N + 6 * L * T * C)
+    flops_per_token: float  # training FLOPs per token (6 (N - V C) + 6 * L * T * C)
     steps: int  # optimizer steps that fit the budget
     scheme: SchemePlan | None = None  # experts:VARIANT only
 
@@ -499,7 +499,7 @@ def format_runs(records: list[dict]) -> str:
 def results_markdown(records: list[dict], reference: str, settings: dict, command: str) -> str:
     rows = summarize(records, reference)
     flops = settings["budget_unit"] == "flops"
-    unit = "training FLOPs (6N + 6·L·T·C per token, charlm.model)" if flops else "tokens"
+    unit = "training FLOPs (6(N − V·C) + 6·L·T·C per token, charlm.model)" if flops else "tokens"
     budget = f"{settings['budget']:.3g} {unit}"
     return f"""# {settings['name']}: results at equal {"compute" if flops else "tokens"}
 

@@ -24,7 +24,7 @@ def test_train_bench_compares_both_configurations_on_the_cpu():
     assert header.split() == ["case", "impl", "ms", "tokens_per_s", "mfu", "peak_mem_gb", "micro_batch", "speedup"]
     rows = [line.split() for line in lines if line.startswith("rope ")]
     assert [r[1] for r in rows] == ["baseline", "charlm"] and float(rows[0][-1]) == 1.0
-    assert "MFU = (6 N + 6 n_layer block_size n_embd)" in out
+    assert "MFU = (6 (N - V n_embd) + 6 n_layer block_size n_embd)" in out
 
 
 def test_train_bench_needs_a_gpu_without_tiny(monkeypatch):

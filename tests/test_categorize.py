@@ -219,6 +219,57 @@ def test_embed_sorts_themed_pages_by_meaning(tmp_path):
     assert json.loads((tmp_path / "d" / "categories" / "embed" / "categories.json").read_text())["model"]
 
 
+@pytest.fixture
+def fake_embedder(tmp_path, monkeypatch):
+    """A stand-in sentence-transformers package and packaged model: category descriptions embed as their
+    category's axis, page chunks as their true topic's axis (looked up by title), so that the plumbing
+    (features, local loading, cosine argmax, storage) is what is tested. Records how the model was loaded."""
+    import importlib.machinery
+    import sys
+    import types
+
+    text, truth = make_topic_corpus(24)
+    loads = []
+
+    class SentenceTransformer:
+        def __init__(self, path, **kwargs):
+            loads.append((path, kwargs))
+
+        def encode(self, texts, **kwargs):
+            vectors = np.zeros((len(texts), len(cat.NAMES)), dtype=np.float32)
+            for row, t in zip(vectors, texts):
+                name = t.split(": ", 1)[0] if t.split(": ", 1)[0] in cat.NAMES else truth.get(t.split(". ", 1)[0])
+                if name is not None:
+                    row[cat.NAMES.index(name)] = 1.0
+            return vectors
+
+    module = types.ModuleType("sentence_transformers")
+    module.__spec__ = importlib.machinery.ModuleSpec("sentence_transformers", None)
+    module.SentenceTransformer = SentenceTransformer
+    monkeypatch.setitem(sys.modules, "sentence_transformers", module)
+    monkeypatch.setattr(cat, "packaged_model_path", lambda: tmp_path / "all-MiniLM-L6-v2")
+    return text, truth, loads
+
+
+def test_embed_loads_the_packaged_model_offline_and_sorts_by_nearest_description(tmp_path, fake_embedder):
+    text, truth, loads = fake_embedder
+    assert cat.pick_method("auto") == "embed"
+    prepare(text, tmp_path / "d", "bytes")
+    cat.categorize(tmp_path / "d", "auto")
+    assert loads == [(str(tmp_path / "all-MiniLM-L6-v2"), {"local_files_only": True})]
+    meta, tokens = load_meta(tmp_path / "d"), split_tokens(tmp_path / "d", "train")
+    spans = np.load(tmp_path / "d" / "categories" / "embed" / "spans_train.npy")
+    titled = [(cat.page_title(tokens, s, n, meta), c) for s, n, c in spans.tolist()]
+    assert all(cat.NAMES[c] == truth[t] for t, c in titled if t) and sum(1 for t, _ in titled if t) > 15
+    with pytest.raises(DataError, match="--model ./typo: no such model folder"):
+        cat.load_embedder("./typo")
+
+
+def test_auto_without_the_packaged_model_uses_keywords(fake_embedder, monkeypatch):
+    monkeypatch.setattr(cat, "packaged_model_path", lambda: None)
+    assert cat.pick_method("auto") == "keywords"
+
+
 def test_plain_text_strips_wiki_markup():
     wiki = ("{{Infobox|name={{nested}}}}'''Kant''' was a [[Philosophy|philosopher]] from "
             "[[Königsberg]].&lt;ref&gt;A note&lt;/ref&gt; == Life ==")

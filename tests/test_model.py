@@ -88,7 +88,8 @@ def test_flops_per_token_formula():
     model = GPT(cfg)
     n = sum(p.numel() for p in model.parameters()) - cfg.block_size * cfg.n_embd  # without wpe
     assert model.num_params() == n
-    assert model.flops_per_token() == 6 * n + 6 * cfg.n_layer * cfg.block_size * cfg.n_embd
+    matmul_params = n - cfg.vocab_size * cfg.n_embd  # the token embedding is a lookup
+    assert model.flops_per_token() == 6 * matmul_params + 6 * cfg.n_layer * cfg.block_size * cfg.n_embd
 
 
 def test_generate_appends_tokens_and_crops_context():
