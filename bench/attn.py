@@ -19,7 +19,6 @@ softmax of the materialised scores, in the input dtype), triton (charlm's kernel
 fused into the kernel) and rope+triton (apply_rope, then the kernel: the unfused comparison).
 speedup_vs_best_sdpa is the fastest SDPA backend's ms over the provider's, so above 1 is faster.
 """
-import argparse
 import math
 import os
 
@@ -36,7 +35,7 @@ except ImportError:  # torch < 2.5
 
 from charlm.kernels.flash_attn import flash_attn  # noqa: E402
 from charlm.kernels.rope import apply_rope  # noqa: E402
-from common import append_history, peak_memory_gb, print_table, record, time_ms  # noqa: E402
+from common import append_history, kernel_bench_args, peak_memory_gb, print_table, record, time_ms  # noqa: E402
 
 THETA = 10000.0
 TOKENS, WIDTH = 16384, 2048
@@ -134,16 +133,9 @@ def bench_case(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: torch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cpu", action="store_true",
-                        help="without a CUDA GPU, time one tiny fp32 case through Triton's interpreter")
-    parser.add_argument("--no-history", action="store_true", help="print only; append nothing")
-    args = parser.parse_args()
-    if not torch.cuda.is_available() and not args.cpu:
-        print("bench/attn.py: no CUDA GPU, nothing measured (--cpu smoke-tests the script through "
-              "Triton's interpreter)")
+    args, device = kernel_bench_args("bench/attn.py", __doc__)
+    if device is None:
         return
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = [row for case in (GPU_CASES if device.type == "cuda" else CPU_CASES)
             for row in bench_case(*case, dtype, device)]

@@ -1,4 +1,5 @@
 """Shared benchmark machinery: timing, device and version facts, and the history file (DESIGN.md format)."""
+import argparse
 import datetime as _dt
 import json
 import platform
@@ -37,12 +38,31 @@ def versions() -> dict:
 
 
 def git_commit() -> str | None:
+    """HEAD's short sha, with "-dirty" when tracked files differ from it (the figures are not HEAD's)."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent, check=True)
     try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, check=True)
-        return out.stdout.strip()
+        sha = git("rev-parse", "--short=12", "HEAD").stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def kernel_bench_args(script: str, description: str) -> tuple[argparse.Namespace, torch.device | None]:
+    """The flags every kernel benchmark takes (--cpu, --no-history), and the device to measure on: the GPU,
+    or with --cpu the CPU through Triton's interpreter (a smoke test); None, said aloud, when there is none."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu", action="store_true",
+                        help="without a CUDA GPU, time one tiny case through Triton's interpreter")
+    parser.add_argument("--no-history", action="store_true", help="print only; append nothing")
+    args = parser.parse_args()
+    if torch.cuda.is_available():
+        return args, torch.device("cuda")
+    if args.cpu:
+        return args, torch.device("cpu")
+    print(f"{script}: no CUDA GPU, nothing measured (--cpu smoke-tests the script through Triton's interpreter)")
+    return args, None
 
 
 def time_ms(fn: Callable[[], object], warmup: int = 5, rep: int = 20, device=None) -> float:

@@ -9,7 +9,6 @@ rotations; backward reads the two output gradients and writes the two input grad
 cos/sin table (L2-resident) is not counted. frac_of_copy_bw compares that with a device-to-device copy
 (torch.clone) of a tensor the size of q and k together, measured in the same run.
 """
-import argparse
 import os
 
 import torch
@@ -18,7 +17,7 @@ if not torch.cuda.is_available():  # as in tests/conftest.py: triton.jit reads t
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from charlm.kernels.rope import apply_rope, rope_reference  # noqa: E402
-from common import append_history, print_table, record, time_ms  # noqa: E402
+from common import append_history, kernel_bench_args, print_table, record, time_ms  # noqa: E402
 
 # (name, B, T, H, D): micro-batch 16 at the BASE preset (context 256, width 512), the DEEP preset
 # (context 512) and DEEP at width 768.
@@ -70,16 +69,9 @@ def bench_case(name: str, B: int, T: int, H: int, D: int, device: torch.device, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cpu", action="store_true",
-                        help="without a CUDA GPU, time one tiny case through Triton's interpreter")
-    parser.add_argument("--no-history", action="store_true", help="print only; append nothing")
-    args = parser.parse_args()
-    if not torch.cuda.is_available() and not args.cpu:
-        print("bench/rope.py: no CUDA GPU, nothing measured (--cpu smoke-tests the script through "
-              "Triton's interpreter)")
+    args, device = kernel_bench_args("bench/rope.py", __doc__)
+    if device is None:
         return
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     impls = {"eager": rope_reference, "compile": torch.compile(rope_reference, dynamic=False),
              "triton": apply_rope}
     rows = [row for case in (GPU_CASES if device.type == "cuda" else CPU_CASES)
