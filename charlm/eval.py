@@ -2,6 +2,7 @@
 
     python -m charlm.eval runs/NAME                 # newest checkpoint, windows of block_size
     python -m charlm.eval runs/NAME --stride 128    # overlapping windows: each scored char sees >= T-128 context
+    torchrun --nproc_per_node 8 -m charlm.eval runs/NAME           # the windows shared among 8 GPUs
 
 Windows of block_size tokens slide by `stride`; the first window scores all its predictions, each later
 one only its last `stride` (so every character after the first is predicted exactly once, with at least
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from charlm.categorize import category_slug
@@ -30,7 +32,7 @@ from charlm.data import DataError, category_spans, load_meta
 from charlm.io import atomic_write_text
 from charlm.loss import token_nll
 from charlm.model import GPT
-from charlm.train import autocast, dataset_dir
+from charlm.train import Dist, autocast, dataset_dir, init_distributed
 
 LN2 = math.log(2)
 
@@ -66,14 +68,24 @@ def scoring_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[i
     return windows
 
 
+def _summed_over_ranks(nats: torch.Tensor, count: int, d: Dist) -> tuple[float, int]:
+    """(nats, count) summed over the ranks of a distributed run (each scored its shard)."""
+    if d.world_size > 1:
+        both = torch.stack([nats, torch.tensor(float(count), dtype=torch.float64, device=nats.device)])
+        dist.all_reduce(both)
+        nats, count = both[0], int(both[1].item())
+    return nats.item(), count
+
+
 @torch.no_grad()
 def split_bpc(model: GPT, tokens: np.ndarray, block_size: int, stride: int, batch_size: int,
-              device: torch.device, amp, desc: str = "") -> tuple[float, int]:
-    """(BPC, characters scored) of a token array; the sum of losses is accumulated in float64."""
-    windows = scoring_windows(len(tokens), block_size, stride)
+              device: torch.device, amp, desc: str = "", d: Dist = Dist()) -> tuple[float, int]:
+    """(BPC, characters scored) of a token array; the sum of losses is accumulated in float64. Under torchrun
+    each rank scores every world_size-th window and the sums are combined."""
+    windows = scoring_windows(len(tokens), block_size, stride)[d.rank::d.world_size]
     T = min(block_size, len(tokens) - 1)
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    for i in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False):
+    for i in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False, disable=not d.master):
         chunk = windows[i:i + batch_size]
         rows = np.stack([tokens[s:s + T + 1] for s, _ in chunk]).astype(np.int64)
         x, y = torch.from_numpy(rows[:, :-1]).to(device), torch.from_numpy(rows[:, 1:]).to(device)
@@ -82,22 +94,25 @@ def split_bpc(model: GPT, tokens: np.ndarray, block_size: int, stride: int, batc
         first = torch.tensor([f for _, f in chunk], device=device)
         mask = torch.arange(T, device=device)[None, :] >= first[:, None]
         total += (nll * mask).sum(dtype=torch.float64)
-        count += int(mask.sum())
-    return total.item() / count / LN2, count
+        count += sum(T - f for _, f in chunk)
+    total, count = _summed_over_ranks(total, count, d)
+    return total / count / LN2, count
 
 
 def spans_bpc(model: GPT, tokens: np.ndarray, spans: np.ndarray, block_size: int, stride: int, batch_size: int,
-              device: torch.device, amp, desc: str = "") -> tuple[float, int]:
+              device: torch.device, amp, desc: str = "", d: Dist = Dist()) -> tuple[float, int]:
     """(BPC, characters scored) over spans (rows start, length[, ...]) of a token array, each scored by
-    split_bpc as a document of its own; spans of fewer than 2 tokens have nothing to score."""
+    split_bpc as a document of its own; spans of fewer than 2 tokens have nothing to score. Under torchrun
+    each rank scores every world_size-th span."""
     bits, count = 0.0, 0
-    for start, length in tqdm(spans[:, :2].tolist(), desc=desc, unit="span"):
+    for start, length in tqdm(spans[d.rank::d.world_size, :2].tolist(), desc=desc, unit="span", disable=not d.master):
         if length >= 2:
             bpc, n = split_bpc(model, tokens[start:start + length], block_size, stride, batch_size, device, amp)
             bits, count = bits + bpc * n, count + n
+    nats, count = _summed_over_ranks(torch.tensor(bits * LN2, dtype=torch.float64, device=device), count, d)
     if count == 0:
         raise ValueError(f"{desc or 'spans'}: no span holds a character to score")
-    return bits / count, count
+    return nats / count / LN2, count
 
 
 def eval_filename(category: str = "") -> str:
@@ -107,7 +122,10 @@ def eval_filename(category: str = "") -> str:
 
 
 def evaluate(run_dir: Path, stride: int = 0, batch_size: int = 32, device: str = "auto",
-             splits: tuple[str, ...] = ("val", "test"), checkpoint: Path | None = None, category: str = "") -> dict:
+             splits: tuple[str, ...] = ("val", "test"), checkpoint: Path | None = None, category: str = "",
+             d: Dist = Dist()) -> dict:
+    """BPC of each split (or of a category's subset of it), written to the run folder (rank 0) and returned.
+    Under torchrun the ranks share the windows (every rank must call it) and all return the same numbers."""
     run_dir = Path(run_dir)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model, cfg, step = load_model(run_dir, dev, checkpoint)
@@ -121,13 +139,14 @@ def evaluate(run_dir: Path, stride: int = 0, batch_size: int = 32, device: str =
         result["category"] = category
     for split in splits:
         tokens = np.memmap(data_dir / f"{split}.bin", dtype=meta["dtype"], mode="r")
-        args = (cfg.block_size, stride, batch_size, dev, autocast(cfg, dev), split)
+        args = (cfg.block_size, stride, batch_size, dev, autocast(cfg, dev), split, d)
         if category:
             bpc, count = spans_bpc(model, tokens, category_spans(data_dir, category, split), *args)
         else:
             bpc, count = split_bpc(model, tokens, *args)
         result[f"{split}_bpc"], result[f"{split}_chars"] = bpc, count
-    atomic_write_text(run_dir / eval_filename(category), json.dumps(result, indent=2) + "\n")
+    if d.master:
+        atomic_write_text(run_dir / eval_filename(category), json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -142,11 +161,17 @@ def main(argv=None) -> None:
                         help="a checkpoint file, or 'best' for the one with the lowest val estimate (default: the newest)")
     parser.add_argument("--category", default="", help="only this topic subset, as METHOD/NAME (charlm.categorize)")
     args = parser.parse_args(argv)
+    d = init_distributed(args.device)
     try:
         result = evaluate(args.run_dir, args.stride, args.batch_size, args.device, checkpoint=args.checkpoint,
-                          category=args.category)
+                          category=args.category, d=d)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        if d.world_size > 1:
+            dist.destroy_process_group()
+    if not d.master:
+        return
     if args.category:
         print(f"on the {args.category} subset of each split:")
     for split in ("val", "test"):

@@ -21,23 +21,25 @@ charlm.train run in its own folder under --out-dir:
 
 Each stage starts with a fresh optimizer and LR schedule (warm-up, cosine decay over its own steps). Its
 final checkpoint is evaluated with full passes over the global val and test splits (charlm.eval; eval.json
-in the stage folder, or with --from in that run's folder); a fine-tune also on its own category's val
-subset (eval_<categories>_<category>.json). Experts are selected on global val BPC only: a model's BPC on
+in the stage folder, or with --from in that run's folder); a fine-tune or a post-train also on its
+category's val subset (eval_<categories>_<category>.json). Experts are selected on global val BPC only: a model's BPC on
 its own topic measures other text and is not comparable with BPC on all of val, so the report keeps the
 two in separate columns, beside test BPC and the equal-compute control.
 
 Re-running the command skips finished stages (final checkpoint present) and resumes an interrupted one
 from its newest checkpoint. scheme.json in --out-dir records the settings (a re-run with other ones is
 refused), which weights each stage started from (a stage whose predecessor has since been retrained is
-refused, not silently mixed), every stage's results and the selection. One process: one GPU or the CPU.
+refused, not silently mixed), every stage's results and the selection. Under torchrun every stage trains
+and evaluates data-parallel over the ranks (`torchrun --nproc_per_node 8 -m charlm.experts ...`).
 """
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch.distributed as dist
 
 from charlm.categorize import category_slug
 from charlm.checkpoint import MANIFEST, latest_checkpoint
@@ -46,7 +48,7 @@ from charlm.data import DataError, category_spans, read_categories
 from charlm.eval import evaluate
 from charlm.io import atomic_write, atomic_write_text
 from charlm.plots import read_metrics
-from charlm.train import SHAPE_FIELDS, attach_dataset, dataset_dir, plan_only, train
+from charlm.train import SHAPE_FIELDS, Dist, attach_dataset, dataset_dir, init_distributed, plan_only, train
 
 SCHEME_FILE = "scheme.json"
 FORMAT = 1
@@ -218,8 +220,9 @@ def open_state(scheme: Scheme) -> dict:
     return {**state, "top_k": scheme.top_k}
 
 
-def save_state(scheme: Scheme, state: dict) -> None:
-    atomic_write_text(scheme.out_dir / SCHEME_FILE, json.dumps(state, indent=1) + "\n")
+def save_state(scheme: Scheme, state: dict, d: Dist) -> None:
+    if d.master:
+        atomic_write_text(scheme.out_dir / SCHEME_FILE, json.dumps(state, indent=1) + "\n")
 
 
 def identity(checkpoint: Path) -> str:
@@ -233,9 +236,10 @@ def identity(checkpoint: Path) -> str:
 # Running the scheme
 
 
-def run_stage(scheme: Scheme, state: dict, stage: Stage, init: Path | None) -> Path:
+def run_stage(scheme: Scheme, state: dict, stage: Stage, init: Path | None, d: Dist) -> Path:
     """Train a stage to its end (skipped if done, resumed if interrupted), evaluate and record it.
-    Returns its final checkpoint."""
+    Returns its final checkpoint. Under torchrun every rank runs it (training and evaluation are
+    data-parallel, so every rank holds the same record); rank 0 writes and prints."""
     run_dir = scheme.stage_dir(stage)
     record = state["stages"].setdefault(stage.name, {})
     record.update(kind=stage.kind, category=stage.category, iters=stage.iters, steps_total=stage.steps_total,
@@ -245,34 +249,38 @@ def run_stage(scheme: Scheme, state: dict, stage: Stage, init: Path | None) -> P
             raise SchemeError(f"{run_dir} was trained from other weights than those now in {init}, which has been "
                               f"retrained since: delete {run_dir} (and the stages after it) to redo it")
         record["init_from"] = identity(init)
+    say = print if d.master else (lambda *args, **kwargs: None)
     final = final_checkpoint(run_dir, stage.iters)
     if final is None:
-        save_state(scheme, state)  # which weights the stage starts from is on disk before it trains
-        print(f"\n=== {stage.name}: {stage.iters} steps" + (f" from {init}" if init else ""), flush=True)
-        train(scheme.stage_config(stage, init))
+        save_state(scheme, state, d)  # which weights the stage starts from is on disk before it trains
+        say(f"\n=== {stage.name}: {stage.iters} steps" + (f" from {init}" if init else ""), flush=True)
+        train(scheme.stage_config(stage, init), d)
+        if d.world_size > 1:
+            dist.barrier()  # rank 0's last checkpoint is on disk for every rank
         final = final_checkpoint(run_dir, stage.iters)
     else:
-        print(f"=== {stage.name}: done ({stage.iters} steps), skipped", flush=True)
-    evaluate_stage(scheme, stage, record, final)
-    save_state(scheme, state)
+        say(f"=== {stage.name}: done ({stage.iters} steps), skipped", flush=True)
+    evaluate_stage(scheme, stage, record, final, d)
+    save_state(scheme, state, d)
     return final
 
 
-def evaluate_stage(scheme: Scheme, stage: Stage, record: dict, checkpoint: Path) -> None:
+def evaluate_stage(scheme: Scheme, stage: Stage, record: dict, checkpoint: Path, d: Dist) -> None:
     """Full-pass val and test BPC of the stage's final checkpoint, and for a fine-tune or a post-train, BPC
     on its category's val subset; kept in the record, and not redone while the checkpoint stays the same."""
     if record.get("evaluated") == identity(checkpoint):
         return
     run_dir, device = scheme.stage_dir(stage), scheme.base.device
-    full = evaluate(run_dir, device=device, checkpoint=checkpoint)
+    full = evaluate(run_dir, device=device, checkpoint=checkpoint, d=d)
     record.update(val_bpc=full["val_bpc"], test_bpc=full["test_bpc"], subset_val_bpc=None)
     if stage.category:
         subset = evaluate(run_dir, device=device, splits=("val",), checkpoint=checkpoint,
-                          category=f"{scheme.categories}/{stage.category}")
+                          category=f"{scheme.categories}/{stage.category}", d=d)
         record["subset_val_bpc"] = subset["val_bpc"]
     record["evaluated"] = identity(checkpoint)
-    print(f"=== {stage.name}: val bpc {full['val_bpc']:.4f}, test bpc {full['test_bpc']:.4f}"
-          + (f", {stage.category} val subset bpc {record['subset_val_bpc']:.4f}" if stage.category else ""))
+    if d.master:
+        print(f"=== {stage.name}: val bpc {full['val_bpc']:.4f}, test bpc {full['test_bpc']:.4f}"
+              + (f", {stage.category} val subset bpc {record['subset_val_bpc']:.4f}" if stage.category else ""))
 
 
 def select_experts(scheme: Scheme, state: dict) -> list[Stage]:
@@ -281,22 +289,22 @@ def select_experts(scheme: Scheme, state: dict) -> list[Stage]:
     return sorted(fine, key=lambda s: state["stages"][s.name]["val_bpc"])[:scheme.top_k]
 
 
-def run_scheme(scheme: Scheme) -> str:
-    """Every stage in order, then the report; returns the report's Markdown."""
+def run_scheme(scheme: Scheme, d: Dist = Dist()) -> str:
+    """Every stage in order, then the report; returns the report's Markdown (rank 0; "" on other ranks)."""
     state = open_state(scheme)
     scheme.out_dir.mkdir(parents=True, exist_ok=True)
-    pretrained = run_stage(scheme, state, scheme.pre_stage(), init=None)
+    pretrained = run_stage(scheme, state, scheme.pre_stage(), None, d)
     finals, previous = {}, pretrained
     for stage in scheme.fine_stages():
-        previous = finals[stage.name] = run_stage(scheme, state, stage, init=previous)
+        previous = finals[stage.name] = run_stage(scheme, state, stage, previous, d)
     experts = select_experts(scheme, state)
     state["selected"] = [s.name for s in experts]
-    save_state(scheme, state)
+    save_state(scheme, state, d)
     if scheme.post_iters > 0:
         for fine in experts:
-            run_stage(scheme, state, scheme.post_stage(fine), init=finals[fine.name])
-    run_stage(scheme, state, scheme.control_stage(), init=pretrained)
-    return write_report(scheme.out_dir)
+            run_stage(scheme, state, scheme.post_stage(fine), finals[fine.name], d)
+    run_stage(scheme, state, scheme.control_stage(), pretrained, d)
+    return write_report(scheme.out_dir) if d.master else ""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,8 +424,6 @@ def scheme_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if "RANK" in os.environ:  # every rank would run every stage into the same folders
-            raise SchemeError("charlm.experts runs in one process (one GPU or the CPU), not under torchrun")
         if argv[:1] == ["report"]:
             parser = argparse.ArgumentParser(prog="python -m charlm.experts report",
                                              description="Write a scheme folder's report.md and finetune_curves.png.")
@@ -428,7 +434,14 @@ def main(argv=None) -> None:
         if scheme.base.plan_only:
             print(plan_only(scheme.base).describe())
             return
-        print(run_scheme(scheme))
+        d = init_distributed(scheme.base.device)
+        try:
+            report = run_scheme(scheme, d)
+        finally:
+            if d.world_size > 1:
+                dist.destroy_process_group()
+        if d.master:
+            print(report)
     except (ValueError, DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

@@ -297,8 +297,9 @@ def train_and_evaluate(c: Condition, seed: int, out_dir: Path, d: Dist, eval_bat
     return record
 
 
-def run_scheme(c: Condition, seed: int, out_dir: Path) -> dict:
+def run_experts_condition(c: Condition, seed: int, out_dir: Path, d: Dist) -> dict | None:
     """An experts:VARIANT run: charlm.experts' scheme in the run folder (it skips and resumes its own stages).
+    Returns its record (None off rank 0).
 
     The reported model is the post-training of the fine-tune with the best val BPC (the scheme selects on
     val); its curve follows its lineage: pre-training, the fine-tunes up to the chosen one, post-training.
@@ -306,7 +307,10 @@ def run_scheme(c: Condition, seed: int, out_dir: Path) -> dict:
     experts = experts_module(c.name)
     run = run_dir(out_dir, c.name, seed)
     scheme = expert_scheme(experts, dataclasses.replace(c.cfg, seed=seed), c.scheme, run)
-    experts.run_scheme(scheme)
+    experts.run_scheme(scheme, d)
+    if not d.master:
+        dist.barrier()  # until rank 0 has written result.json
+        return None
     state = experts.read_state(run)
     fine = scheme.fine_stages()
     chosen = next(i for i, stage in enumerate(fine) if stage.name == state["selected"][0])
@@ -319,6 +323,8 @@ def run_scheme(c: Condition, seed: int, out_dir: Path) -> dict:
                         val_bpc=final["val_bpc"], test_bpc=final["test_bpc"],
                         curve=[[stage.name, stage.steps_total - stage.iters] for stage in lineage])
     atomic_write_text(run / "result.json", json.dumps(record, indent=2) + "\n")
+    if d.world_size > 1:
+        dist.barrier()
     return record
 
 
@@ -341,7 +347,7 @@ def run_all(conditions: list[Condition], seeds: list[int], out_dir: Path, d: Dis
             say(f"{label}: {c.steps:,} steps -> {run_dir(out_dir, c.name, seed)}")
             start = time.perf_counter()
             if c.scheme is not None:
-                record = run_scheme(c, seed, out_dir)
+                record = run_experts_condition(c, seed, out_dir, d)
             else:
                 record = train_and_evaluate(c, seed, out_dir, d, eval_batch_size)
             durations.append(time.perf_counter() - start)
@@ -662,8 +668,6 @@ def run_study(args: argparse.Namespace, conditions: list[Condition], settings: d
     names, seeds = [c.name for c in conditions], list(range(args.seeds))
     only = parse_only(args.only, names, seeds)
     d = init_distributed(conditions[0].cfg.device)
-    if d.world_size > 1 and any(c.scheme for c in conditions):
-        raise StudyError("experts:VARIANT conditions run in one process (charlm.experts); run them without torchrun")
     if d.master:
         check_study_settings(args.out_dir, settings)
         print(describe_plan(conditions, args.budget, args.budget_unit))

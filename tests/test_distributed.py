@@ -10,6 +10,7 @@ import torch
 from charlm.checkpoint import latest_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.integration
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def args(tiny_dataset, run_dir, max_iters):
@@ -33,8 +34,7 @@ def losses(run_dir):
 def test_two_ranks_match_one_and_resume_in_one(tiny_dataset, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     run([sys.executable, *args(tiny_dataset, single, 12)])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    run([*torchrun, *args(tiny_dataset, ddp, 6)])
+    run([*TORCHRUN, *args(tiny_dataset, ddp, 6)])
     # The 2-rank checkpoint continues in one process, on the same LR schedule (max_iters given again).
     run([sys.executable, *args(tiny_dataset, ddp, 12), "--resume"])
 
@@ -46,3 +46,43 @@ def test_two_ranks_match_one_and_resume_in_one(tiny_dataset, tmp_path):
     a, b = load_checkpoint(latest_checkpoint(single))["model"], load_checkpoint(latest_checkpoint(ddp))["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)  # Adam magnifies summation-order noise
+
+
+def test_eval_under_torchrun_shares_the_windows_and_matches_one_process(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    run([sys.executable, *args(tiny_dataset, run_dir, 3)])
+    run([sys.executable, "-m", "charlm.eval", str(run_dir), "--device", "cpu", "--stride", "40"])
+    single = json.loads((run_dir / "eval.json").read_text())
+    (run_dir / "eval.json").unlink()
+    run([*TORCHRUN, "-m", "charlm.eval", str(run_dir), "--device", "cpu", "--stride", "40"])
+    shared = json.loads((run_dir / "eval.json").read_text())
+    for split in ("val", "test"):
+        assert shared[f"{split}_chars"] == single[f"{split}_chars"]
+        assert shared[f"{split}_bpc"] == pytest.approx(single[f"{split}_bpc"], rel=1e-6)
+
+
+def test_expert_scheme_under_torchrun_matches_one_process(tmp_path):
+    from charlm.categorize import categorize
+    from charlm.data import prepare
+    from corpora import make_topic_corpus
+
+    order = ["Science", "Sports and Recreation"]
+    prepare(make_topic_corpus(60, order)[0], tmp_path / "data" / "topics", "bytes")
+    categorize(tmp_path / "data" / "topics", "keywords")
+
+    def scheme(out_dir):
+        return ["-m", "charlm.experts", "--dataset", "topics", "--data-root", str(tmp_path / "data"),
+                "--categories", "keywords", "--preset", "tiny", "--batch-size", "8", "--eval-iters", "2",
+                "--device", "cpu", "--dropout", "0", "--pre-iters", "3", "--fine-iters", "2", "--post-iters", "1",
+                "--top-k", "1", "--order", ",".join(order), "--out-dir", str(out_dir)]
+
+    run([sys.executable, *scheme(tmp_path / "single")])
+    run([*TORCHRUN, *scheme(tmp_path / "ddp")])
+    single, ddp = (json.loads((tmp_path / d / "scheme.json").read_text()) for d in ("single", "ddp"))
+    assert ddp["selected"] == single["selected"] and list(ddp["stages"]) == list(single["stages"])
+    for name, record in single["stages"].items():
+        for key in ("val_bpc", "test_bpc", "subset_val_bpc"):
+            assert (ddp["stages"][name][key] is None) == (record[key] is None), (name, key)
+            if record[key] is not None:
+                assert ddp["stages"][name][key] == pytest.approx(record[key], rel=1e-4), (name, key)
+    assert (tmp_path / "ddp" / "report.md").is_file()

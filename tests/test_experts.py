@@ -111,13 +111,13 @@ def test_an_interrupted_scheme_resumes_where_it_stopped(finished, dataset, tmp_p
     args = scheme_args(dataset, out, "--top-k", "1", order=ORDER[:2], iters=("--from", str(finished / "pre")))
     real_train = experts.train
 
-    def interrupted(cfg):  # the second fine-tune stops after one of its two steps
+    def interrupted(cfg, d):  # the second fine-tune stops after one of its two steps
         if cfg.out_dir.endswith("fine/02-sports-and-recreation"):
-            trainer = Trainer(cfg)
+            trainer = Trainer(cfg, d)
             trainer.init_from(cfg.init_from)
             trainer.run(until=1)
             raise KeyboardInterrupt
-        return real_train(cfg)
+        return real_train(cfg, d)
 
     monkeypatch.setattr(experts, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
