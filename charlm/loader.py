@@ -52,6 +52,7 @@ except ImportError:
     _loader = None
 
 ORDERS = ("random", "sequential")
+MAX_BATCH_TOKENS = 2**40  # per batch: far beyond any memory, and 3x it still fits int64 (csrc/loader.cpp)
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
 _M64 = (1 << 64) - 1
 
@@ -72,6 +73,8 @@ def read_meta(data_dir: str | Path) -> dict:
     limit = np.iinfo(DTYPES[meta["dtype"]]).max + 1
     if not isinstance(meta.get("vocab_size"), int) or not 1 <= meta["vocab_size"] <= limit:
         raise ValueError(f"{path}: vocab_size must be an int in 1..{limit}, got {meta.get('vocab_size')!r}")
+    if meta["tokenization"] == "bytes" and meta["vocab_size"] != 256:
+        raise ValueError(f"{path}: bytes tokenization has vocab_size 256, got {meta['vocab_size']}")
     if meta["tokenization"] == "unicode" and len(meta.get("chars") or ()) != meta["vocab_size"]:
         raise ValueError(f"{path}: chars must list vocab_size = {meta['vocab_size']} code points")
     return meta
@@ -119,7 +122,9 @@ class NumpyBatchLoader:
         _check_sizes(batch_size, block_size, rank, world_size, seed, threads)
         _check_choice("order", order, ORDERS)
         _check_choice("tipa_scope", tipa_scope, SCOPES)
-        if not isinstance(tipa_max, int) or not 1 <= tipa_max <= 255:
+        if not isinstance(tipa, bool):
+            raise ValueError(f"tipa must be True or False, got {tipa!r}")
+        if not isinstance(tipa_max, (int, np.integer)) or not 1 <= tipa_max <= 255:
             raise ValueError(f"tipa_max must be in 1..255 (targets are uint8), got {tipa_max}")
         if pin_memory and not torch.cuda.is_available():
             raise ValueError("pin_memory=True needs CUDA (pinned memory is for host-to-GPU copies)")
@@ -299,7 +304,9 @@ def _check_sizes(batch_size, block_size, rank, world_size, seed, threads) -> Non
         raise ValueError(f"rank must be in 0..world_size-1 = {world_size - 1}, got {rank}")
     if batch_size % world_size:
         raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
+    if batch_size * block_size > MAX_BATCH_TOKENS:
+        raise ValueError(f"batch_size * block_size = {batch_size * block_size} tokens exceeds 2**40 per batch")
+    if threads is not None and (not isinstance(threads, (int, np.integer)) or threads < 1):
         raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
 
 

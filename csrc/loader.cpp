@@ -17,6 +17,8 @@ namespace {
 
 constexpr int64_t kIgnoreIndex = -100;  // charlm.loader.IGNORE_INDEX
 
+constexpr int64_t kMaxBatchTokens = int64_t{1} << 40;
+
 void require(bool ok, const std::string& message) {
   if (!ok) throw std::invalid_argument(message);
 }
@@ -105,6 +107,8 @@ Loader::Loader(std::shared_ptr<TokenFile> file, LoaderConfig config)
   require(cfg_.batch_size > 0 && cfg_.block_size > 0 && cfg_.world_size > 0 && cfg_.rank >= 0 &&
               cfg_.rank < cfg_.world_size && cfg_.batch_size % cfg_.world_size == 0,
           "bad batch_size, block_size, rank or world_size");
+  // 3 * batch * block_size elements must not overflow int64 (the Python side bounds it far lower).
+  require(cfg_.batch_size <= kMaxBatchTokens / cfg_.block_size, "batch_size * block_size exceeds 2**40 tokens");
   require(cfg_.tipa_max >= 1 && cfg_.tipa_max <= 255 && cfg_.threads >= 1, "bad tipa_max or threads");
   require(cfg_.span_start.size() == cfg_.span_length.size() && !cfg_.span_start.empty(), "no spans");
   local_batch_ = cfg_.batch_size / cfg_.world_size;

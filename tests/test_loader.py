@@ -208,6 +208,9 @@ LOADERS = [NumpyBatchLoader, pytest.param(BatchLoader, marks=needs_ext)]
     (None, {"tipa_scope": "sentence"}, r"tipa_scope must be one of"),
     (None, {"order": "shuffled"}, r"order must be one of"),
     (None, {"threads": 0}, r"threads must be None or an int >= 1"),
+    (None, {"batch_size": 2**62}, r"batch_size \* block_size = \d+ tokens exceeds 2\*\*40"),
+    (None, {"tipa": "yes"}, r"tipa must be True or False, got 'yes'"),
+    ("bytes_vocab", {}, r"meta\.json: bytes tokenization has vocab_size 256, got 100"),
 ])
 def test_bad_input(tmp_path, cls, change, kwargs, match):
     data = write_dataset(tmp_path / "d", {"train": text_like(800, 0), "val": text_like(700, 0)})
@@ -220,6 +223,9 @@ def test_bad_input(tmp_path, cls, change, kwargs, match):
     elif change == "bad_meta":
         meta = json.loads((data / "meta.json").read_text())
         (data / "meta.json").write_text(json.dumps({**meta, "tokenization": "unicode"}))
+    elif change == "bytes_vocab":
+        meta = json.loads((data / "meta.json").read_text())
+        (data / "meta.json").write_text(json.dumps({**meta, "vocab_size": 100}))
     args = {"split": "val", "batch_size": 4, "block_size": 16, **kwargs}
     with pytest.raises(ValueError, match=match):
         cls(data, args.pop("split"), args.pop("batch_size"), args.pop("block_size"), **args)
