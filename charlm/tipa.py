@@ -2,13 +2,15 @@
 
 A word is a maximal run of word tokens; with tokenization "bytes" the word bytes are ASCII letters and
 digits and every byte >= 0x80 (so UTF-8 encoded letters stay inside words), with "unicode" the code points
-for which ``str.isalnum()`` holds. For the token at 0-based index i of a word of length L the reverse
+that are letters or decimal digits by Unicode category (L*, Nd; not other numerals such as "½" or "²"). For the token at 0-based index i of a word of length L the reverse
 position is L - i (the last token of a word has 1), clipped to ``tipa_max``; delimiters have 0. The end
 of the token array ends a word, so a word that runs to the end of a split ends there.
 
 Scope "window" (the report's literal mapping) replaces this with the distance to the end of the training
 window: for target position j in 0..T-1 of a window of T targets the value is min(T - j, tipa_max).
 """
+import unicodedata
+
 import numpy as np
 
 SCOPES = ("word", "window")
@@ -29,7 +31,12 @@ def word_table(meta: dict) -> np.ndarray:
     """(vocab_size,) bool lookup table: which token ids are word tokens, for a dataset's meta.json."""
     if meta["tokenization"] == "bytes":
         return BYTE_WORD
-    return np.array([chr(cp).isalnum() for cp in meta["chars"]], dtype=bool)
+    return np.array([_is_letter_or_digit(chr(cp)) for cp in meta["chars"]], dtype=bool)
+
+
+def _is_letter_or_digit(char: str) -> bool:
+    category = unicodedata.category(char)
+    return category[0] == "L" or category == "Nd"
 
 
 def reverse_positions(tokens, tipa_max: int = 16, word: np.ndarray | None = None) -> np.ndarray:
