@@ -41,6 +41,15 @@ def _read_manifest(run_dir: Path) -> list[dict]:
         raise CheckpointError(f"{path}: unreadable checkpoint manifest: {e}") from e
 
 
+def checkpoint_entry(path: Path) -> dict:
+    """A checkpoint's manifest entry: file, step, bytes and sha256 (without reading the checkpoint)."""
+    path = Path(path)
+    for entry in _read_manifest(path.parent):
+        if entry["file"] == path.name:
+            return entry
+    raise CheckpointError(f"{path}: not listed in {path.parent / MANIFEST}")
+
+
 def _write_manifest(run_dir: Path, entries: list[dict], best: dict | None) -> None:
     manifest = {"checkpoints": entries, "best": best}
     atomic_write_text(Path(run_dir) / MANIFEST, json.dumps(manifest, indent=1) + "\n")

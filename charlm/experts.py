@@ -42,13 +42,14 @@ from pathlib import Path
 import torch.distributed as dist
 
 from charlm.categorize import category_slug
-from charlm.checkpoint import MANIFEST, latest_checkpoint
+from charlm.checkpoint import checkpoint_entry, latest_checkpoint
 from charlm.config import Config, add_config_args, config_from_args
 from charlm.data import DataError, category_spans, read_categories
 from charlm.eval import evaluate
 from charlm.io import atomic_write, atomic_write_text
 from charlm.plots import read_metrics
-from charlm.train import SHAPE_FIELDS, Dist, attach_dataset, dataset_dir, init_distributed, plan_only, train
+from charlm.train import (SHAPE_FIELDS, Dist, attach_dataset, dataset_dir, init_distributed, plan_only,
+                          shape_mismatches, train)
 
 SCHEME_FILE = "scheme.json"
 FORMAT = 1
@@ -111,8 +112,7 @@ class Scheme:
 
 
 def checkpoint_step(path: Path) -> int:
-    """The step of a checkpoint file (charlm.checkpoint names them ckpt_<step>.pt)."""
-    return int(Path(path).stem.split("_")[-1])
+    return checkpoint_entry(path)["step"]
 
 
 def final_checkpoint(run_dir: Path, iters: int) -> Path | None:
@@ -127,9 +127,7 @@ def pretrained_checkpoint(run_dir: Path, base: Config) -> Path:
     saved = Path(run_dir) / "config.json"
     if path is None or not saved.is_file():
         raise SchemeError(f"--from {run_dir}: not a charlm.train run folder with a checkpoint")
-    other = Config.load(saved)
-    mismatched = [f"{f} is {getattr(other, f)!r} there and {getattr(base, f)!r} here"
-                  for f in SHAPE_FIELDS if getattr(other, f) != getattr(base, f)]
+    mismatched = shape_mismatches(Config.load(saved).to_dict(), base)
     if mismatched:
         raise SchemeError(f"--from {run_dir}: its model does not fit this config ({'; '.join(mismatched)}); "
                           f"pass the --variant, --preset and model flags it was trained with")
@@ -228,8 +226,7 @@ def save_state(scheme: Scheme, state: dict, d: Dist) -> None:
 def identity(checkpoint: Path) -> str:
     """A checkpoint's sha256, from its run's manifest (charlm.checkpoint): retraining a stage to other weights
     changes it; moving or copying the scheme's folder does not."""
-    entries = json.loads((Path(checkpoint).parent / MANIFEST).read_text())["checkpoints"]
-    return next(e["sha256"] for e in entries if e["file"] == Path(checkpoint).name)
+    return checkpoint_entry(checkpoint)["sha256"]
 
 
 # --------------------------------------------------------------------------------------------------

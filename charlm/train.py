@@ -130,6 +130,12 @@ def _row_step(line: str) -> float:
         return math.inf
 
 
+def shape_mismatches(saved: dict, cfg: Config) -> list[str]:
+    """How a saved config's model (its SHAPE_FIELDS) differs from cfg's, one phrase per field."""
+    return [f"{f} is {saved.get(f)!r} there and {getattr(cfg, f)!r} here" for f in SHAPE_FIELDS
+            if saved.get(f) != getattr(cfg, f)]
+
+
 class RunStopped(RuntimeError):
     """The run cannot go on without losing work; the message says why and which checkpoint to resume from."""
 
@@ -270,11 +276,9 @@ class Trainer:
 
     def _load_compatible(self, path: Path) -> dict:
         state = load_checkpoint(path, map_location=self.device)
-        saved = state["config"]
-        mismatched = [f for f in SHAPE_FIELDS if saved.get(f) != getattr(self.cfg, f)]
+        mismatched = shape_mismatches(state["config"], self.cfg)
         if mismatched:
-            raise ValueError(f"{path} does not fit this config: " + ", ".join(
-                f"{f} is {saved.get(f)!r} there and {getattr(self.cfg, f)!r} here" for f in mismatched))
+            raise ValueError(f"{path} does not fit this config: " + ", ".join(mismatched))
         return state
 
     def init_from(self, path: Path) -> None:

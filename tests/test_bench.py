@@ -1,5 +1,4 @@
 """The benchmark scripts run end to end on the CPU (smoke tests: figures are not checked, the plumbing is)."""
-import json
 import subprocess
 import sys
 from pathlib import Path
