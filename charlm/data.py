@@ -170,9 +170,20 @@ def read_categories(data_dir: Path, name: str) -> dict:
     the command that makes it."""
     path = Path(data_dir) / "categories" / name / "categories.json"
     if not path.is_file():
+        root = "" if Path(data_dir).parent == Path("data") else f" --data-root {Path(data_dir).parent}"
         raise DataError(f"no categorisation {name!r} at {path.parent}: run `python -m charlm.categorize "
-                        f"{Path(data_dir).name} --method {name}`")
+                        f"{Path(data_dir).name}{root} --method {name}`")
     return json.loads(path.read_text())
+
+
+def categorisation_sha256(data_dir: Path, name: str) -> str:
+    """One hash of a categorisation's files (categories.json and the span lists): changes if it is redone
+    with another model, lexicon or labelling."""
+    read_categories(data_dir, name)  # a missing categorisation names its command
+    digest = hashlib.sha256()
+    for path in sorted((Path(data_dir) / "categories" / name).iterdir()):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def category_spans(data_dir: Path, category: str, split: str) -> np.ndarray:

@@ -123,9 +123,10 @@ def eval_filename(category: str = "") -> str:
 
 def evaluate(run_dir: Path, stride: int = 0, batch_size: int = 32, device: str = "auto",
              splits: tuple[str, ...] = ("val", "test"), checkpoint: Path | None = None, category: str = "",
-             d: Dist = Dist()) -> dict:
-    """BPC of each split (or of a category's subset of it), written to the run folder (rank 0) and returned.
-    Under torchrun the ranks share the windows (every rank must call it) and all return the same numbers."""
+             d: Dist = Dist(), save: bool = True) -> dict:
+    """BPC of each split (or of a category's subset of it), returned and, with save, written to the run
+    folder (rank 0). Under torchrun the ranks share the windows (every rank must call it) and all return
+    the same numbers."""
     run_dir = Path(run_dir)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model, cfg, step = load_model(run_dir, dev, checkpoint)
@@ -145,7 +146,7 @@ def evaluate(run_dir: Path, stride: int = 0, batch_size: int = 32, device: str =
         else:
             bpc, count = split_bpc(model, tokens, *args)
         result[f"{split}_bpc"], result[f"{split}_chars"] = bpc, count
-    if d.master:
+    if save and d.master:
         atomic_write_text(run_dir / eval_filename(category), json.dumps(result, indent=2) + "\n")
     return result
 

@@ -21,7 +21,7 @@ charlm.train run in its own folder under --out-dir:
 
 Each stage starts with a fresh optimizer and LR schedule (warm-up, cosine decay over its own steps). Its
 final checkpoint is evaluated with full passes over the global val and test splits (charlm.eval; eval.json
-in the stage folder, or with --from in that run's folder); a fine-tune or a post-train also on its
+in the stage folder, but never written into a --from run's folder); a fine-tune or a post-train also on its
 category's val subset (eval_<categories>_<category>.json). Experts are selected on global val BPC only: a model's BPC on
 its own topic measures other text and is not comparable with BPC on all of val, so the report keeps the
 two in separate columns, beside test BPC and the equal-compute control.
@@ -44,7 +44,7 @@ import torch.distributed as dist
 from charlm.categorize import category_slug
 from charlm.checkpoint import checkpoint_entry, latest_checkpoint
 from charlm.config import Config, add_config_args, config_from_args
-from charlm.data import DataError, category_spans, read_categories
+from charlm.data import DataError, categorisation_sha256, category_spans, read_categories
 from charlm.eval import evaluate
 from charlm.io import atomic_write, atomic_write_text
 from charlm.plots import read_metrics
@@ -193,6 +193,7 @@ def build_scheme(args: argparse.Namespace) -> Scheme:
 def scheme_spec(scheme: Scheme) -> dict:
     """What a re-run must share with the first run for its finished stages to be reused."""
     return {"dataset": scheme.base.dataset, "variant": scheme.base.variant, "categories": scheme.categories,
+            "categories_sha256": categorisation_sha256(dataset_dir(scheme.base), scheme.categories),
             "order": scheme.order, "pre_iters": scheme.pre_iters, "fine_iters": scheme.fine_iters,
             "post_iters": scheme.post_iters, "from": str(scheme.pre_from) if scheme.pre_from else None,
             "model": {f: getattr(scheme.base, f) for f in SHAPE_FIELDS}}
@@ -268,11 +269,12 @@ def evaluate_stage(scheme: Scheme, stage: Stage, record: dict, checkpoint: Path,
     if record.get("evaluated") == identity(checkpoint):
         return
     run_dir, device = scheme.stage_dir(stage), scheme.base.device
-    full = evaluate(run_dir, device=device, checkpoint=checkpoint, d=d)
+    save = run_dir != scheme.pre_from  # a --from run's own eval.json (another stride, say) stays as it was
+    full = evaluate(run_dir, device=device, checkpoint=checkpoint, d=d, save=save)
     record.update(val_bpc=full["val_bpc"], test_bpc=full["test_bpc"], subset_val_bpc=None)
     if stage.category:
         subset = evaluate(run_dir, device=device, splits=("val",), checkpoint=checkpoint,
-                          category=f"{scheme.categories}/{stage.category}", d=d)
+                          category=f"{scheme.categories}/{stage.category}", d=d, save=save)
         record["subset_val_bpc"] = subset["val_bpc"]
     record["evaluated"] = identity(checkpoint)
     if d.master:

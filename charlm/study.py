@@ -128,9 +128,11 @@ class Condition:
 
 
 def parse_conditions(text: str) -> list[str]:
-    names = [c.strip() for c in text.split(",") if c.strip()]
-    if not names:
+    names = [c.strip() for c in text.split(",")]
+    if not any(names):
         raise StudyError("--conditions is empty; give e.g. base,rope,tipa,deep,deep+rope")
+    if not all(names):
+        raise StudyError(f"--conditions {text!r} has an empty name (two commas, or one at an end)")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise StudyError(f"--conditions names {', '.join(duplicates)} more than once")

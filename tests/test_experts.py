@@ -110,6 +110,7 @@ def test_an_interrupted_scheme_resumes_where_it_stopped(finished, dataset, tmp_p
     out = tmp_path / "scheme"
     args = scheme_args(dataset, out, "--top-k", "1", order=ORDER[:2], iters=("--from", str(finished / "pre")))
     real_train = experts.train
+    from_eval = (finished / "pre" / "eval.json").stat().st_mtime_ns
 
     def interrupted(cfg, d):  # the second fine-tune stops after one of its two steps
         if cfg.out_dir.endswith("fine/02-sports-and-recreation"):
@@ -135,6 +136,8 @@ def test_an_interrupted_scheme_resumes_where_it_stopped(finished, dataset, tmp_p
     assert step_of(out / "control") == 2 * 2 + 2
     state = json.loads((out / "scheme.json").read_text())
     assert state["spec"]["from"] == str(finished / "pre") and state["stages"]["pre"]["dir"] == str(finished / "pre")
+    assert "val_bpc" in state["stages"]["pre"]  # evaluated for the scheme, without touching the --from run's files
+    assert (finished / "pre" / "eval.json").stat().st_mtime_ns == from_eval
 
 
 def test_a_retrained_stage_makes_the_later_ones_stale(finished, dataset, tmp_path):
@@ -155,21 +158,29 @@ def test_a_retrained_stage_makes_the_later_ones_stale(finished, dataset, tmp_pat
     (["--top-k", "4"], "--top-k must be in 1..3"),
     (["--fine-iters", "0"], "--fine-iters must be >= 1"),
     (["--from", "nowhere"], "give either --pre-iters"),
-    (["--categories", "embed"], "python -m charlm.categorize topics --method embed"),
+    (["--categories", "embed"], "python -m charlm.categorize topics --data-root .* --method embed"),
 ])
 def test_bad_arguments_fail_before_training(dataset, tmp_path, monkeypatch, change, message):
-    monkeypatch.setattr(experts, "train", lambda cfg: pytest.fail("trained"))
+    monkeypatch.setattr(experts, "train", lambda cfg, d: pytest.fail("trained"))
     with pytest.raises(SystemExit, match=message):
         experts.main(scheme_args(dataset, tmp_path / "scheme") + change)
     assert not (tmp_path / "scheme").exists()
 
 
 def test_other_settings_or_another_model_are_refused(finished, dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(experts, "train", lambda cfg: pytest.fail("trained"))
+    monkeypatch.setattr(experts, "train", lambda cfg, d: pytest.fail("trained"))
     with pytest.raises(SystemExit, match="fine_iters: 2 then, 3 now"):
         experts.main(scheme_args(dataset, finished) + ["--fine-iters", "3"])
     with pytest.raises(SystemExit, match="n_embd is 64 there and 32 here"):
         experts.main(scheme_args(dataset, tmp_path / "s", "--n-embd", "32", iters=("--from", str(finished / "pre"))))
+
+
+def test_a_redone_categorisation_is_refused(finished, dataset, monkeypatch):
+    """Subsets sorted anew (another model or lexicon) under the same name would mix two schemes."""
+    monkeypatch.setattr(experts, "train", lambda cfg, d: pytest.fail("trained"))
+    monkeypatch.setattr(experts, "categorisation_sha256", lambda data_dir, name: "0" * 64)
+    with pytest.raises(SystemExit, match=f"categories_sha256: '[0-9a-f]{{64}}' then, '{'0' * 64}' now"):
+        experts.main(scheme_args(dataset, finished))
 
 
 def test_subset_bpc_scores_each_span_as_a_document_of_its_own(finished, dataset):

@@ -85,7 +85,8 @@ def test_plan_says_how_many_steps_each_condition_gets(tiny_dataset):
     (["--budget", "100", "--budget-unit", "flops"], "buys no step"),
     (["--only", "base:7"], "--only base:7"),
     (["--tokenization", "unicode"], "--tokenization unicode"),
-    (["--conditions", "base,experts:base"], "python -m charlm.categorize tiny --method keywords"),
+    (["--conditions", "base,experts:base"], "python -m charlm.categorize tiny --data-root .* --method keywords"),
+    (["--conditions", "base,,rope"], "has an empty name"),
 ])
 def test_bad_input_fails_before_training(tiny_dataset, tmp_path, argv_extra, message):
     with pytest.raises(SystemExit, match=message):
