@@ -441,7 +441,12 @@ def parse_config(argv=None) -> Config:
         # A resumed run keeps its saved config; only flags given now override it.
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                  if getattr(args, f.name, None) is not None}
-        cfg = dataclasses.replace(Config.load(saved), **given)
+        saved_cfg = Config.load(saved)
+        changed = [f"--{f} {given[f]} (the run has {getattr(saved_cfg, f)!r})" for f in ("variant", "preset")
+                   if f in given and given[f] != getattr(saved_cfg, f)]
+        if changed:  # their fields were resolved when the run began; a new name alone would mislabel it
+            raise ValueError(f"a resumed run keeps its variant and preset: drop {', '.join(changed)}")
+        cfg = dataclasses.replace(saved_cfg, **given)
         cfg.validate()
     return cfg
 

@@ -59,7 +59,8 @@ def test_resume_continues_exactly(tiny_dataset, tmp_path):
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     keys = ("step", "train_loss", "val_loss", "lr")
-    assert [{k: r.get(k) for k in keys} for r in metrics(straight)] == [{k: r.get(k) for k in keys} for r in metrics(resumed)]
+    rows = [[{k: r.get(k) for k in keys} for r in metrics(run)] for run in (straight, resumed)]
+    assert rows[0] == rows[1]
 
 
 def test_existing_run_needs_resume(tiny_dataset, tmp_path):
@@ -67,6 +68,15 @@ def test_existing_run_needs_resume(tiny_dataset, tmp_path):
     train(tiny_cfg(tiny_dataset, run, max_iters=5, eval_interval=5))
     with pytest.raises(ValueError, match="--resume"):
         train(tiny_cfg(tiny_dataset, run, max_iters=5, eval_interval=5))
+
+
+def test_a_resumed_run_keeps_its_variant(tiny_dataset, tmp_path):
+    root, name = tiny_dataset
+    run = tmp_path / "run"
+    train(tiny_cfg(tiny_dataset, run, max_iters=2, eval_interval=2))
+    argv = ["--dataset", name, "--data-root", str(root), "--out-dir", str(run), "--device", "cpu", "--resume"]
+    with pytest.raises(SystemExit, match=r"keeps its variant and preset: drop --variant rope \(the run has 'base'\)"):
+        main(argv + ["--variant", "rope"])
 
 
 def test_missing_dataset_says_which_command_prepares_it(tmp_path):
