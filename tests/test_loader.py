@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -356,3 +358,36 @@ def test_cpp_loaders_alive_at_exit_do_not_hang(byte_data):
             "loaders.append(loaders)  # a reference cycle: collected, if ever, only at exit\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+@needs_ext
+def test_batches_are_built_without_the_gil(tmp_path):
+    """Another Python thread runs while batch() builds a batch: the C++ side releases the GIL.
+
+    With a switch interval of an hour the interpreter never takes the GIL from the main thread, and the
+    counting thread yields it at every increment: the counter can move only while the main thread has
+    released it, i.e. inside the C++ call. Were the GIL held there, it would not move at all."""
+    data = write_dataset(tmp_path / "d", {"train": text_like(300_000, 1)})
+    loader = BatchLoader(data, "train", 64, 4096, tipa=True, threads=1)
+    counter, done = [0], threading.Event()
+
+    def count():
+        while not done.is_set():
+            counter[0] += 1
+            time.sleep(0)  # hands the GIL back to the main thread whenever it waits for it
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(3600)
+    counting = threading.Thread(target=count)
+    try:
+        counting.start()
+        moved = []
+        for step in range(0, 50_000, 10_000):  # steps far apart: nothing prefetched, each built in the call
+            before = counter[0]
+            loader.batch(step)
+            moved.append(counter[0] - before)
+    finally:
+        done.set()
+        counting.join()
+        sys.setswitchinterval(interval)
+    assert sum(moved) > 0, moved

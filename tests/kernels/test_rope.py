@@ -66,20 +66,26 @@ def test_matches_float64_reference(shape, offset, layout, dtype, tol, kernel_dev
         assert _rel_err(x, x_ref) < tol, name
 
 
-# Head counts and D/2 that are not powers of 2, so the kernel's padded lanes are masked.
-@pytest.mark.parametrize("shape", [(2, 7, 3, 5, 6), (1, 33, 2, 2, 48)], ids=str)
+# Head counts and D/2 that are not powers of 2, so the kernel's padded lanes are masked; and the model's
+# head dims, in fp32 and bf16.
+@pytest.mark.parametrize("shape, dtype", [
+    ((2, 7, 3, 5, 6), torch.float32), ((1, 33, 2, 2, 48), torch.float32), ((2, 9, 2, 2, 32), torch.bfloat16),
+    ((1, 17, 3, 3, 64), torch.bfloat16), ((1, 5, 2, 2, 128), torch.float16),
+], ids=str)
 @pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
-def test_writes_every_output_element(shape, inverse, kernel_device):
-    q, k = (x.detach() for x in _make_qk(shape, "fused_qkv", torch.float32, kernel_device))
-    q_out, k_out = (torch.full(x.shape, float("nan"), device=kernel_device) for x in (q, k))
+def test_writes_every_output_element(shape, dtype, inverse, kernel_device):
+    q, k = (x.detach() for x in _make_qk(shape, "fused_qkv", dtype, kernel_device))
+    q_out, k_out = (torch.full(x.shape, float("nan"), device=kernel_device, dtype=dtype) for x in (q, k))
     _rope_launch(q, k, q_out, k_out, theta=10000.0, offset=3, inverse=inverse)
 
     assert not q_out.isnan().any() and not k_out.isnan().any()
     if inverse:  # rotating the result forward again must give back the input
-        actual, expected = rope_reference(q_out, k_out, offset=3), (q, k)
+        actual, expected = rope_reference(q_out.double(), k_out.double(), offset=3), (q, k)
     else:
-        actual, expected = (q_out, k_out), rope_reference(q, k, offset=3)
-    torch.testing.assert_close(actual, expected)
+        actual, expected = (q_out, k_out), rope_reference(q.double(), k.double(), offset=3)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for a, e in zip(actual, expected):
+        assert _rel_err(a, e.double()) < tol
 
 
 def test_backward_accepts_broadcast_gradients(kernel_device):
