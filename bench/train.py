@@ -29,7 +29,7 @@ import torch
 if not torch.cuda.is_available():  # as in tests/conftest.py: triton.jit reads this when kernels import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from charlm.config import resolve  # noqa: E402
+from charlm.config import COMPILE_MODES, resolve  # noqa: E402
 from charlm.data import prepare  # noqa: E402
 from charlm.loader import NumpyBatchLoader  # noqa: E402
 from charlm.train import Trainer  # noqa: E402
@@ -68,9 +68,10 @@ def synthetic_dataset(root: Path) -> Path:
 
 def make_trainer(data_dir: Path, out_dir: Path, variant: str, overrides: dict, impl: str,
                  args: argparse.Namespace) -> Trainer:
+    impl_fields = CONFIGS[impl] | ({"compile_mode": args.compile_mode} if impl == "charlm" else {})
     cfg = resolve(variant, args.preset, dataset=data_dir.name, data_root=str(data_dir.parent), out_dir=str(out_dir),
                   max_iters=10**9, compile=torch.cuda.is_available(), max_memory_gb=args.max_memory_gb,
-                  batch_size=args.batch_size, **overrides, **CONFIGS[impl])
+                  batch_size=args.batch_size, **overrides, **impl_fields)
     trainer = Trainer(cfg, quiet=True)
     if impl == "baseline":  # nanoGPT's data path: np.memmap and fancy indexing on the main thread
         loader = trainer.train_loader
@@ -119,6 +120,7 @@ def bench_case(data_dir, tmp, name, variant, overrides, args) -> list[dict]:
                            peak_mem_gb=peak_memory_gb(device), device=device,
                            mfu=trainer.raw_model.flops_per_token() * tokens_per_s / peak if peak else None,
                            micro_batch=trainer.micro_batch, checkpoint_layers=trainer.plan.checkpoint_layers,
+                           compile_mode=cfg.compile_mode if cfg.compile else None,
                            speedup=ms["baseline"] / ms[impl]))
         del trainer
         gc.collect()
@@ -136,6 +138,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="global batch in sequences")
     parser.add_argument("--max-memory-gb", type=float, default=0.0, help="cap GPU memory (emulate a smaller card)")
     parser.add_argument("--data", type=Path, help="a prepared dataset folder (default: a synthetic one)")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                        help="charlm's torch.compile mode (the baseline keeps nanoGPT's default)")
     parser.add_argument("--no-history", action="store_true", help="print only; do not append to the history")
     args = parser.parse_args()
     if not torch.cuda.is_available() and args.preset != "tiny":

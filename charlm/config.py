@@ -18,6 +18,8 @@ VARIANTS: dict[str, dict] = {
     "deep": {"n_layer": 32, "block_size": 512},
 }
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 # Size presets, applied after the variants: `tiny` is for CPU smoke runs and tests.
 PRESETS: dict[str, dict] = {
     "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "dropout": 0.0,
@@ -49,6 +51,7 @@ class Config:
     attn: str = "auto"  # auto | sdpa | triton | naive
     rope_impl: str = "auto"  # auto | torch | triton
     compile: bool | None = None  # torch.compile the model; None: on for CUDA
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     checkpoint_layers: int = -1  # blocks under activation checkpointing; -1: the memory planner decides
     # optimisation
@@ -102,6 +105,7 @@ class Config:
             (self.rope_impl in ("auto", "torch", "triton"), f"rope_impl must be auto, torch or triton, got {self.rope_impl!r}"),
             (self.tipa_scope in ("word", "window"), f"tipa_scope must be word or window, got {self.tipa_scope!r}"),
             (self.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}"),
+            (self.compile_mode in COMPILE_MODES, f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}"),
             (self.n_layer > 0 and self.block_size > 0 and self.batch_size > 0 and self.max_iters >= 0,
              "n_layer, block_size and batch_size must be positive and max_iters non-negative"),
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
