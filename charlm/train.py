@@ -385,7 +385,7 @@ class Trainer:
         row: dict = {}
         bar = tqdm(total=cfg.max_iters, initial=self.step, disable=self.quiet, unit="step", dynamic_ncols=True)
         with GPUMonitor(self.device) as monitor, self._stop_on_signals():
-            t0, steps_since = time.perf_counter(), 0
+            t0, steps_since, peak_reported = time.perf_counter(), 0, False
             stop = min(cfg.max_iters, until if until is not None else cfg.max_iters)
             while self.step < stop:
                 lm_loss, tipa_loss = self.train_step(self.step)
@@ -416,6 +416,11 @@ class Trainer:
                         if self.dist.master and cfg.save_best:
                             save_best(self.run_dir, self.step, self.state_dict(), self.best_val_bpc)
                 self._log(row)
+                if not peak_reported and self.device.type == "cuda" and not self.quiet:
+                    bar.write(f"peak memory after step {self.step}: {row['peak_mem_gb']:.1f} GB measured "
+                              f"(torch.cuda.max_memory_allocated), {self.plan.predicted_peak_bytes / 2**30:.1f} GB "
+                              f"predicted by the memory plan")
+                    peak_reported = True
                 bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_bpc", "val_bpc") if k in row}
                                 | {"tok/s": f"{row['tokens_per_s']:.0f}"})
                 if ckpt_now or stopping:
