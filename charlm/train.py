@@ -340,6 +340,13 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def _describe_peak(self, measured_gb: float) -> str:
+        """The measured peak of tensors beside the plan's prediction of it (less context and slack)."""
+        tensors = sum(v for k, v in self.plan.breakdown.items() if k not in ("cuda_context", "fragmentation"))
+        return (f"peak memory after step {self.step}: {measured_gb:.2f} GB of tensors measured "
+                f"(torch.cuda.max_memory_allocated), {tensors / 2**30:.2f} GB predicted; the plan's "
+                f"{self.plan.predicted_peak_bytes / 2**30:.1f} GB adds the CUDA context and fragmentation")
+
     def _signalled_alone(self) -> bool:
         """A signal stops a single process at the end of the current step; ranks of a distributed run
         act on it together, at the next step they all log, evaluate or checkpoint."""
@@ -417,9 +424,7 @@ class Trainer:
                             save_best(self.run_dir, self.step, self.state_dict(), self.best_val_bpc)
                 self._log(row)
                 if not peak_reported and self.device.type == "cuda" and not self.quiet:
-                    bar.write(f"peak memory after step {self.step}: {row['peak_mem_gb']:.1f} GB measured "
-                              f"(torch.cuda.max_memory_allocated), {self.plan.predicted_peak_bytes / 2**30:.1f} GB "
-                              f"predicted by the memory plan")
+                    bar.write(self._describe_peak(row["peak_mem_gb"]))
                     peak_reported = True
                 bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_bpc", "val_bpc") if k in row}
                                 | {"tok/s": f"{row['tokens_per_s']:.0f}"})
