@@ -37,3 +37,24 @@ def tiny_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     prepare(make_corpus(200_000), root / "tiny", "bytes", {"name": "tiny"})
     return root, "tiny"
+
+
+@pytest.fixture
+def drawn(monkeypatch) -> dict[str, list[tuple]]:
+    """The data passed to matplotlib's Axes.plot and Axes.fill_between while the test runs (each still
+    draws), so that plot tests check what a figure shows rather than that a PNG exists."""
+    from matplotlib.axes import Axes
+
+    calls = {"plot": [], "fill_between": []}
+
+    def recorded(method):
+        real = getattr(Axes, method)
+
+        def draw(self, *args, **kwargs):
+            calls[method].append(args)
+            return real(self, *args, **kwargs)
+        return draw
+
+    for method in calls:
+        monkeypatch.setattr(Axes, method, recorded(method))
+    return calls

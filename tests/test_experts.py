@@ -100,6 +100,15 @@ def test_the_report_keeps_global_and_subset_val_apart(finished):
     assert (finished / "finetune_curves.png").stat().st_size > 0
 
 
+def test_the_fine_tuning_curves_follow_steps_from_scratch(finished, drawn):
+    experts.write_report(finished)
+    train_curves = drawn["plot"][0::2]  # per stage: the train panel, then the val panel
+    assert len(train_curves) == 1 + 3  # pre-training and the three fine-tunes
+    starts = [x[0] for x, *_ in train_curves]
+    ends = [x[-1] for x, *_ in train_curves]
+    assert ends == [4, 6, 8, 10] and starts[1:] == [5, 7, 9]  # each fine-tune continues the previous stage
+
+
 def test_a_finished_scheme_reruns_without_training(finished, dataset, monkeypatch):
     monkeypatch.setattr(experts, "train", lambda cfg: pytest.fail(f"retrained {cfg.out_dir}"))
     monkeypatch.setattr(experts, "evaluate", lambda *a, **k: pytest.fail("re-evaluated"))

@@ -153,21 +153,7 @@ def test_table_reports_mean_std_and_welch_interval():
     assert table[4] == "| tipa | 132.9k | 20 | 10.2k | 1 | 1.3500 ± n/a | 1.3000 ± n/a | +0.1000 [n/a] |"
 
 
-def test_plot_draws_mean_and_band(tmp_path, monkeypatch):
-    from matplotlib.axes import Axes
-
-    drawn = {"plot": [], "fill_between": []}
-
-    def recorded(method):  # draws as before, and keeps the data it was given
-        real = getattr(Axes, method)
-
-        def draw(self, *args, **kwargs):
-            drawn[method].append(args)
-            return real(self, *args, **kwargs)
-        return draw
-
-    for method in drawn:
-        monkeypatch.setattr(Axes, method, recorded(method))
+def test_plot_draws_mean_and_band(tmp_path, drawn):
     curves = {"base": [([1e9, 2e9, 3e9], [4.0, 3.5, 3.2]), ([1e9, 2e9, 3e9], [4.1, 3.4, 3.3])],
               "deep": [([2e9, 3e9], [3.9, 3.1])]}
     path = study.plot_results(curves, tmp_path / "results.png")
