@@ -7,6 +7,7 @@ size or hash check is skipped with a warning and the previous one used.
 """
 import hashlib
 import json
+import pickle
 import warnings
 from pathlib import Path
 
@@ -109,9 +110,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # torch.load raises whatever unpickling a damaged or foreign file provokes
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, AttributeError, RuntimeError) as e:
+        if isinstance(e, torch.OutOfMemoryError) or "CUDA" in str(e):  # the device's problem, not the file's
+            raise
         raise CheckpointError(f"{path}: not a readable charlm checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__

@@ -11,9 +11,11 @@ crash never leaves a half-written dataset.
 """
 import argparse
 import hashlib
+import http.client
 import json
 import sys
 import tempfile
+import urllib.error
 import urllib.request
 import zipfile
 import zlib
@@ -26,6 +28,7 @@ from charlm.io import atomic_dir, atomic_write_text
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_BYTES = 100_000_000
 ENWIK8_SHA256 = "2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8"  # of the unzipped file
+DOWNLOAD_TIMEOUT_S = 60  # per blocking read: a stalled connection fails instead of hanging
 SPLIT_FRACTIONS = (0.9, 0.05, 0.05)  # for enwik8's 100M bytes: 90M / 5M / 5M, the standard split
 SPLITS = ("train", "val", "test")
 FORMAT = 1
@@ -68,15 +71,16 @@ def download(url: str, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", delete=False) as tmp:
         try:
-            with urllib.request.urlopen(url) as resp:
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
                 total = int(resp.headers.get("Content-Length") or 0) or None
                 with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {url}") as bar:
                     while chunk := resp.read(1 << 20):
                         tmp.write(chunk)
                         bar.update(len(chunk))
-        except OSError as e:  # URLError included: no network, a wrong URL, a refused connection
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
+            # no network, a wrong URL, a refused, reset, stalled or truncated transfer (a full disk is not one)
             Path(tmp.name).unlink(missing_ok=True)
-            raise DataError(f"could not download {url}: {e}; with a local copy, pass --from-file PATH") from e
+            raise DataError(f"could not download {url}: {e!r}; with a local copy, pass --from-file PATH") from e
         except BaseException:
             Path(tmp.name).unlink(missing_ok=True)
             raise
@@ -180,8 +184,9 @@ def categorisation_sha256(data_dir: Path, name: str) -> str:
     """One hash of a categorisation's files (categories.json and the span lists): changes if it is redone
     with another model, lexicon or labelling."""
     read_categories(data_dir, name)  # a missing categorisation names its command
+    folder = Path(data_dir) / "categories" / name
     digest = hashlib.sha256()
-    for path in sorted((Path(data_dir) / "categories" / name).iterdir()):
+    for path in [folder / "categories.json", *sorted(folder.glob("spans_*.npy"))]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 

@@ -79,13 +79,14 @@ def _summed_over_ranks(nats: torch.Tensor, count: int, d: Dist) -> tuple[float, 
 
 @torch.no_grad()
 def split_bpc(model: GPT, tokens: np.ndarray, block_size: int, stride: int, batch_size: int,
-              device: torch.device, amp, desc: str = "", d: Dist = Dist()) -> tuple[float, int]:
+              device: torch.device, amp, desc: str = "", d: Dist = Dist(), progress: bool = True) -> tuple[float, int]:
     """(BPC, characters scored) of a token array; the sum of losses is accumulated in float64. Under torchrun
     each rank scores every world_size-th window and the sums are combined."""
     windows = scoring_windows(len(tokens), block_size, stride)[d.rank::d.world_size]
     T = min(block_size, len(tokens) - 1)
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    for i in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False, disable=not d.master):
+    batches = range(0, len(windows), batch_size)
+    for i in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not (progress and d.master)):
         chunk = windows[i:i + batch_size]
         rows = np.stack([tokens[s:s + T + 1] for s, _ in chunk]).astype(np.int64)
         x, y = torch.from_numpy(rows[:, :-1]).to(device), torch.from_numpy(rows[:, 1:]).to(device)
@@ -107,7 +108,8 @@ def spans_bpc(model: GPT, tokens: np.ndarray, spans: np.ndarray, block_size: int
     bits, count = 0.0, 0
     for start, length in tqdm(spans[d.rank::d.world_size, :2].tolist(), desc=desc, unit="span", disable=not d.master):
         if length >= 2:
-            bpc, n = split_bpc(model, tokens[start:start + length], block_size, stride, batch_size, device, amp)
+            bpc, n = split_bpc(model, tokens[start:start + length], block_size, stride, batch_size, device, amp,
+                               progress=False)  # the bar over spans is progress enough
             bits, count = bits + bpc * n, count + n
     nats, count = _summed_over_ranks(torch.tensor(bits * LN2, dtype=torch.float64, device=device), count, d)
     if count == 0:

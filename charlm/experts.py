@@ -48,7 +48,8 @@ from charlm.data import DataError, categorisation_sha256, category_spans, read_c
 from charlm.eval import evaluate
 from charlm.io import atomic_write, atomic_write_text
 from charlm.plots import read_metrics
-from charlm.train import (SHAPE_FIELDS, Dist, attach_dataset, dataset_dir, init_distributed, plan_only,
+from charlm.memory import MemoryPlanError
+from charlm.train import (SHAPE_FIELDS, Dist, RunStopped, attach_dataset, dataset_dir, init_distributed, plan_only,
                           shape_mismatches, train)
 
 SCHEME_FILE = "scheme.json"
@@ -212,11 +213,13 @@ def open_state(scheme: Scheme) -> dict:
     if not (scheme.out_dir / SCHEME_FILE).is_file():
         return {"format": FORMAT, "spec": spec, "top_k": scheme.top_k, "stages": {}, "selected": []}
     state = read_state(scheme.out_dir)
-    changed = [f"{k}: {state['spec'].get(k)!r} then, {v!r} now" for k, v in spec.items() if state["spec"].get(k) != v]
+    # A setting the first run did not record (an older charlm) is recorded now rather than compared.
+    changed = [f"{k}: {state['spec'][k]!r} then, {v!r} now" for k, v in spec.items()
+               if k in state["spec"] and state["spec"][k] != v]
     if changed:
         raise SchemeError(f"{scheme.out_dir} was started with other settings ({'; '.join(changed)}): run it with "
                           f"the same flags, or choose another --out-dir")
-    return {**state, "top_k": scheme.top_k}
+    return {**state, "spec": spec, "top_k": scheme.top_k}
 
 
 def save_state(scheme: Scheme, state: dict, d: Dist) -> None:
@@ -256,6 +259,9 @@ def run_stage(scheme: Scheme, state: dict, stage: Stage, init: Path | None, d: D
         if d.world_size > 1:
             dist.barrier()  # rank 0's last checkpoint is on disk for every rank
         final = final_checkpoint(run_dir, stage.iters)
+        if final is None:  # stopped by a signal, its checkpoint saved
+            raise SchemeError(f"{stage.name} stopped before step {stage.iters}; run the same command again "
+                              f"to resume it")
     else:
         say(f"=== {stage.name}: done ({stage.iters} steps), skipped", flush=True)
     evaluate_stage(scheme, stage, record, final, d)
@@ -441,7 +447,7 @@ def main(argv=None) -> None:
                 dist.destroy_process_group()
         if d.master:
             print(report)
-    except (ValueError, DataError, FileNotFoundError) as e:
+    except (ValueError, DataError, FileNotFoundError, MemoryPlanError, RunStopped) as e:
         sys.exit(f"error: {e}")
 
 

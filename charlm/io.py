@@ -61,7 +61,12 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         old = tmp.with_suffix(".old") if path.exists() else None
         if old is not None:
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:  # put the old folder back under its name
+                os.replace(old, path)
+            raise
         _fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old)

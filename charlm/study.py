@@ -68,9 +68,13 @@ from charlm.eval import evaluate
 from charlm.io import atomic_write, atomic_write_text
 from charlm.model import GPT
 from charlm.plots import read_metrics
-from charlm.train import Dist, attach_dataset, dataset_dir, init_distributed, train
+from charlm.memory import MemoryPlanError
+from charlm.train import Dist, RunStopped, attach_dataset, dataset_dir, init_distributed, train
 
 REFERENCE = "base"  # the condition differences are measured from, when it is run
+# GPT.flops_per_token's formula, kept in study.json: a study planned with another count of FLOPs (older
+# charlm counted the token-embedding lookup) would mix step counts, so it is refused.
+FLOPS_PER_TOKEN = "6 (N - V C) + 6 L T C"
 EXPERTS_PREFIX = "experts:"  # `experts:VARIANT` conditions come from charlm.experts (issue 7)
 CONFIDENCE = 0.95
 UNITS = {"flops": "FLOPs", "tokens": "tokens"}  # --budget-unit, as printed
@@ -80,7 +84,7 @@ ExpertOptions = tuple[str, str | None, tuple[float, float, float]]  # categorisa
 # Config fields the study sets itself, so they are not flags here.
 STUDY_OWNED = ("variant", "max_iters", "seed", "out_dir", "resume", "init_from", "plan_only", "category")
 # Flags that may change between invocations of one study without changing its results.
-RUNTIME_FIELDS = ("device", "compile", "attn", "rope_impl", "max_memory_gb", "micro_batch_size",
+RUNTIME_FIELDS = ("device", "compile", "compile_mode", "attn", "rope_impl", "max_memory_gb", "micro_batch_size",
                   "checkpoint_layers", "log_interval", "keep_checkpoints", "data_root")
 
 
@@ -280,17 +284,20 @@ def new_record(c: Condition, seed: int, **result) -> dict:
 
 
 def train_and_evaluate(c: Condition, seed: int, out_dir: Path, d: Dist, eval_batch_size: int) -> dict | None:
-    """Train one run to its step count (or finish it) and evaluate it; returns its record (None off rank 0)."""
+    """Train one run to its step count (or finish it) and evaluate it (data-parallel under torchrun);
+    returns its record (None off rank 0)."""
     run = run_dir(out_dir, c.name, seed)
     trainer = train(run_config(c, seed, out_dir), d)  # a finished run returns at once
     if trainer.step < c.steps:  # stopped by a signal; its checkpoint is saved
         raise StudyError(f"{run} stopped at step {trainer.step} of {c.steps}; run the same command again to resume")
+    if d.world_size > 1:
+        dist.barrier()  # rank 0's checkpoints are on disk for every rank
+    checkpoint, selection = selected_checkpoint(run)
+    result = evaluate(run, batch_size=eval_batch_size, device=c.cfg.device, checkpoint=checkpoint, d=d)
+    if selection == "final" and result["step"] != c.steps:
+        raise StudyError(f"{run}: the newest checkpoint is at step {result['step']}, not {c.steps}")
     record = None
     if d.master:
-        checkpoint, selection = selected_checkpoint(run)
-        result = evaluate(run, batch_size=eval_batch_size, device=c.cfg.device, checkpoint=checkpoint)
-        if selection == "final" and result["step"] != c.steps:
-            raise StudyError(f"{run}: the newest checkpoint is at step {result['step']}, not {c.steps}")
         record = new_record(c, seed, checkpoint_step=result["step"], selection=selection,
                             val_bpc=result["val_bpc"], test_bpc=result["test_bpc"], curve=[[".", 0]])
         atomic_write_text(run / "result.json", json.dumps(record, indent=2) + "\n")  # marks the run done
@@ -659,7 +666,8 @@ def plan_study(args: argparse.Namespace) -> tuple[list[Condition], dict]:
     experts = (args.experts_categories, args.experts_order, args.experts_split)
     conditions = [plan_condition(n, args.budget, args.budget_unit, args.preset or "", overrides, experts)
                   for n in names]
-    settings = {"tokenization": args.tokenization, "budget": args.budget, "budget_unit": args.budget_unit,
+    settings = {"flops_per_token": FLOPS_PER_TOKEN, "tokenization": args.tokenization, "budget": args.budget,
+                "budget_unit": args.budget_unit,
                 "preset": args.preset or "", "experts_categories": args.experts_categories,
                 "experts_order": args.experts_order, "experts_split": list(args.experts_split),
                 **{k: v for k, v in overrides.items() if k not in RUNTIME_FIELDS}}
@@ -696,7 +704,7 @@ def main(argv=None) -> None:
             print(describe_plan(conditions, args.budget, args.budget_unit))
             return
         run_study(args, conditions, settings, "python -m charlm.study " + shlex.join(argv))
-    except (ValueError, FileNotFoundError) as e:  # StudyError and DataError are ValueErrors
+    except (ValueError, FileNotFoundError, MemoryPlanError, RunStopped) as e:  # StudyError, DataError: ValueErrors
         sys.exit(f"error: {e}")
     finally:
         if dist.is_initialized():

@@ -455,7 +455,7 @@ def parse_config(argv=None) -> Config:
                  if getattr(args, f.name, None) is not None}
         saved_cfg = Config.load(saved)
         changed = [f"--{f} {given[f]} (the run has {getattr(saved_cfg, f)!r})" for f in ("variant", "preset")
-                   if f in given and given[f] != getattr(saved_cfg, f)]
+                   if f in given and set(given[f].split(",")) != set(getattr(saved_cfg, f).split(","))]
         if changed:  # their fields were resolved when the run began; a new name alone would mislabel it
             raise ValueError(f"a resumed run keeps its variant and preset: drop {', '.join(changed)}")
         cfg = dataclasses.replace(saved_cfg, **given)

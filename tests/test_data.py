@@ -127,8 +127,8 @@ def test_replacing_a_dataset_keeps_the_old_one_until_the_new_one_is_in_place(tmp
     monkeypatch.setattr(os, "replace", crash_on_second_folder_rename)
     with pytest.raises(OSError, match="power cut"):
         prepare(make_corpus(3000), tmp_path / "ds", "bytes")
-    kept = [d for d in tmp_path.iterdir() if (d / "train.bin").is_file()]
-    assert [(d / "train.bin").read_bytes() for d in kept] == [old_train]  # the old dataset survives whole
+    assert (tmp_path / "ds" / "train.bin").read_bytes() == old_train  # the old dataset, whole, in its place
+    assert [d.name for d in tmp_path.iterdir()] == ["ds"]  # no leftovers
 
 
 def test_enwik8_wrong_checksum_names_file_and_expectation(fake_enwik8, tmp_path):
