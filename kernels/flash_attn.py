@@ -156,7 +156,9 @@ def _attn_fwd(Q, K, V, O, LSE, COS, SIN,
     # projection). O: contiguous (B, T, H, HEAD_DIM). LSE: (B, H, T) fp32, natural-log row log-sum-exp.
     # COS, SIN: (>= T, HEAD_DIM // 2) fp32 RoPE tables, None without ROPE. T_BUCKET only keys the autotuner.
     # Grid: (cdiv(T, BLOCK_M), B * H); BLOCK_N divides BLOCK_M.
-    start_m = tl.program_id(0) * BLOCK_M
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "the masked diagonal must be whole key tiles")
+    # Causal: the last query tiles see the most keys; launching them first shortens the tail.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     rows = start_m + tl.arange(0, BLOCK_M)
     q = _load_qk(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, stride_qt, T, COS, SIN, HEAD_DIM, ROPE)
@@ -226,7 +228,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COS, SIN,
     # Q, K, V as in _attn_fwd. DO, DK, DV: contiguous (B, T, H, HEAD_DIM). LSE, DELTA: (B, H, T) fp32.
     # One program owns BLOCK_N keys of one head and sweeps the query tiles that attend to them.
     # Grid: (cdiv(T, BLOCK_N), B * H); BLOCK_M divides BLOCK_N.
-    start_n = tl.program_id(0) * BLOCK_N
+    tl.static_assert(BLOCK_N % BLOCK_M == 0, "the masked diagonal must be whole query tiles")
+    start_n = tl.program_id(0) * BLOCK_N  # causal: the first key tiles, the most queries, go first
     bh = tl.program_id(1)
     cols = start_n + tl.arange(0, BLOCK_N)
     k = _load_qk(K + _head_offset(bh, H, stride_kb, stride_kh), cols, stride_kt, T, COS, SIN, HEAD_DIM, ROPE)
@@ -277,7 +280,9 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, COS, SIN,
     # Q, K, V as in _attn_fwd. DO, DQ: contiguous (B, T, H, HEAD_DIM). LSE, DELTA: (B, H, T) fp32.
     # One program owns BLOCK_M queries of one head and sweeps the key tiles they attend to.
     # Grid: (cdiv(T, BLOCK_M), B * H); BLOCK_N divides BLOCK_M.
-    start_m = tl.program_id(0) * BLOCK_M
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "the masked diagonal must be whole key tiles")
+    # Causal: the last query tiles see the most keys; launching them first shortens the tail.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     rows = start_m + tl.arange(0, BLOCK_M)
     q = _load_qk(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, stride_qt, T, COS, SIN, HEAD_DIM, ROPE)
@@ -305,8 +310,9 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, COS, SIN,
 
 # ----------------------------------------------------------------------------------------------------
 # Autotuning: a few candidates per kernel, chosen for the BASE (T=256) and DEEP (T=512) shapes at D=64 on
-# Hopper and Ampere (checked free of register spills there), pruned by length and shared memory before
-# any is compiled. Key: T rounded up to a power of two, D, causal, RoPE, and the dtypes (triton adds them).
+# Hopper and Ampere (ptxas reports no register spills for them on Hopper; a few dkdv configs spill tens of
+# bytes on Ampere), pruned by length, shared memory and the register pressure of D=128 before any is
+# compiled. Key: T rounded up to a power of two, D, causal, RoPE, and the dtypes (triton adds them).
 # ----------------------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). fwd and dq own BLOCK_M queries; dkdv owns BLOCK_N keys.
@@ -330,8 +336,9 @@ def _triton_configs(candidates: list[tuple]) -> list[triton.Config]:
 def _smem_bytes(kernel: str, m: int, n: int, stages: int, head_dim: int, elem: int, rope: bool) -> int:
     """Shared memory a config needs at least: the tiles a program loads once plus, for each of stages - 1
     pipelined iterations in flight, the streamed tiles and, with RoPE, the streamed q or k tile's partner
-    load and fp32 cos and sin rows. Measured on Triton 3.6: exact on Ampere; Hopper adds one more stage of
-    K/V (or Q/dO), and the autotuner then skips what fails to fit. Rows of head_dim elements."""
+    load and fp32 cos and sin rows. Checked against Triton 3.6's compiler: exact on Ampere for 16-bit
+    inputs without RoPE, up to 17% under with RoPE at D=128 or in fp32; Hopper adds one more stage of K/V
+    (or Q/dO). A config that does not fit after all fails to launch and the autotuner skips it."""
     once, streamed, streamed_qk = {"fwd": (m, 2 * n, n), "dkdv": (2 * n, 2 * m, m), "dq": (2 * m, 2 * n, n)}[kernel]
     per_stage = elem * streamed + ((elem + 8) * streamed_qk if rope else 0)
     return head_dim * (elem * once + (stages - 1) * per_stage)
@@ -342,22 +349,35 @@ def _max_shared_mem(device_index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
+def _spills_at_128(kernel: str, config: triton.Config, rope: bool) -> bool:
+    """Configs that ptxas (Triton 3.6) compiles with large register spills at D=128: 128-query tiles on 4
+    warps (fwd, dq), and with RoPE the 8-warp dkdv tiles."""
+    if kernel == "dkdv":
+        return rope and config.num_warps == 8
+    return config.kwargs["BLOCK_M"] == 128 and config.num_warps == 4
+
+
 def _pruner(kernel: str):
     """early_config_prune: drop configs whose own tile (the rows a program owns) is longer than T rounded
-    up to a power of two (mostly padding, and too few programs), always keeping the shortest tile, and
-    configs that overflow shared memory."""
+    up to a power of two (mostly padding, and too few programs), always keeping the shortest tile; configs
+    that overflow shared memory; at D=128 those that spill registers. fp32 inputs (tests: exact fp32 dots
+    run on CUDA cores, not tensor cores) get the smallest config alone, so that they compile in seconds."""
     owned = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"
 
     def prune(configs, named_args, **kwargs):
-        q = named_args["Q"]
+        q, head_dim = named_args["Q"], kwargs["HEAD_DIM"]
 
         def smem(c):
-            return _smem_bytes(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, kwargs["HEAD_DIM"],
+            return _smem_bytes(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, head_dim,
                                q.element_size(), kwargs["ROPE"])
 
+        if q.element_size() == 4:
+            return [min(configs, key=smem)]
         longest = max(named_args["T_BUCKET"], min(c.kwargs[owned] for c in configs))
         budget = _max_shared_mem(q.device.index)
-        return [c for c in configs if c.kwargs[owned] <= longest and smem(c) <= budget] or [min(configs, key=smem)]
+        kept = [c for c in configs if c.kwargs[owned] <= longest and smem(c) <= budget
+                and not (head_dim == 128 and _spills_at_128(kernel, c, kwargs["ROPE"]))]
+        return kept or [min(configs, key=smem)]
     return prune
 
 

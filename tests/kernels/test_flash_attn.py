@@ -182,11 +182,15 @@ def test_autotune_pruning(monkeypatch, kernel, candidates):
     assert kept(256) == configs and kept(512) == configs
     shortest = min(c.kwargs[owned] for c in configs)
     assert {c.kwargs[owned] for c in kept(16)} == {shortest}
-    for dtype in (torch.bfloat16, torch.float32):  # D = 128 with RoPE: the largest tiles
-        survivors = kept(512, 128, True, dtype)
-        fits = [fa._smem_bytes(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, 128, dtype.itemsize,
-                               True) <= budget for c in survivors]
+    for rope in (False, True):  # D = 128: the largest tiles, and no config that spills registers
+        survivors = kept(512, 128, rope)
+        fits = [fa._smem_bytes(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, 128, 2, rope) <= budget
+                for c in survivors]
         assert survivors and (all(fits) or len(survivors) == 1)
+        assert not any(fa._spills_at_128(kernel, c, rope) for c in survivors)
+    smallest = min(configs, key=lambda c: fa._smem_bytes(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                                         c.num_stages, 64, 4, False))
+    assert kept(512, dtype=torch.float32) == [smallest]  # fp32 (tests): one config, compiled in seconds
 
 
 def _bad_inputs():
