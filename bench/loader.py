@@ -11,7 +11,10 @@ charlm.tipa.reverse_positions on each window plus its read-ahead. The NumPy refe
 ms is the median time per batch over blocks of consecutive steps, so the C++ rows measure throughput
 with the caller doing nothing else (the prefetch threads cannot get ahead). "c++ prefetched" is the other
 case, a training loop: the caller spends --work-ms between batches (the train step), and ms is then the
-time batch() itself takes. Text throughput counts B * T tokens of the file's itemsize per batch.
+time batch() itself takes. On a CUDA machine "c++ prefetched, pinned" times the trainer's own path (pinned
+tensors for asynchronous copies to the GPU) and is set against the latest DEEP step time of
+bench/train.py on the same device from the history: the loader should stay under 1% of it. Text
+throughput counts B * T tokens of the file's itemsize per batch.
 """
 import argparse
 import json
@@ -26,7 +29,8 @@ import torch
 from charlm.data import load_meta
 from charlm.loader import BatchLoader, NumpyBatchLoader
 from charlm.tipa import reverse_positions, word_table
-from common import append_history, print_table, record, time_ms
+from common import HISTORY, append_history, device_name, print_table, record, time_ms
+from report import read_history
 
 B, T, TIPA_MAX = 64, 512, 16
 STEPS_PER_CALL = 16  # batches per timed call: the medians are per block of consecutive steps
@@ -89,6 +93,18 @@ def history_row(impl: str, threads: int | None, ms: float, nanogpt_ms: float, ca
                   speedup_vs_nanogpt=nanogpt_ms / ms)
 
 
+def share_of_deep_step(call_ms: float) -> str:
+    """The trainer's batch() time as a share of the latest DEEP step bench/train.py measured on this GPU."""
+    gpu = device_name("cuda")
+    steps = [r for r in read_history(HISTORY) if r["bench"] == "train" and r["impl"] == "charlm"
+             and r["device"] == gpu and r["case"].get("name") == "deep"] if HISTORY.is_file() else []
+    if not steps:
+        return f"no DEEP step time for {gpu} in the history yet: run bench/train.py first"
+    step_ms = steps[-1]["ms"]
+    return (f"the trainer's batch(): {call_ms:.3f} ms, {100 * call_ms / step_ms:.2f}% of a DEEP step "
+            f"({step_ms:.1f} ms, bench/train.py, {steps[-1]['date']})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="a prepared dataset folder (default: synthetic)")
@@ -114,15 +130,22 @@ def main() -> None:
               for key, fn in impls.items()}
         prefetched_ms = prefetched_call_ms(BatchLoader(data, "train", B, T, threads=args.threads, **kwargs),
                                            args.work_ms)
+        pinned_ms = torch.cuda.is_available() and prefetched_call_ms(
+            BatchLoader(data, "train", B, T, threads=args.threads, pin_memory=True, **kwargs), args.work_ms)
 
     case = {"B": B, "T": T, "tipa": True, "tipa_max": TIPA_MAX, "dataset": str(args.data or "synthetic"),
             "tokenization": meta["tokenization"], "train_tokens": meta["splits"]["train"]}
     itemsize, nanogpt_ms = np.dtype(meta["dtype"]).itemsize, ms[("nanogpt", None)]
     rows = [history_row(impl, threads, t, nanogpt_ms, case, itemsize) for (impl, threads), t in ms.items()]
     rows.append(history_row("c++ prefetched", args.threads, prefetched_ms, nanogpt_ms, case, itemsize, args.work_ms))
+    if pinned_ms:
+        rows.append(history_row("c++ prefetched, pinned", args.threads, pinned_ms, nanogpt_ms, case, itemsize,
+                                args.work_ms))
     print(f"loader: B={B} T={T} TIPA word scope, R={TIPA_MAX}; {case['dataset']} "
           f"({case['train_tokens']} train tokens); {rows[0]['device']}")
     print_table(rows, TABLE_COLUMNS)
+    if pinned_ms:
+        print(share_of_deep_step(pinned_ms))
     if not args.no_history:
         append_history(rows)
 

@@ -54,3 +54,12 @@ def test_rope_bench_compares_with_eager_and_compiled_on_the_cpu():
     assert header[:3] == ["case", "pass", "impl"] and "frac_of_copy_bw" in header
     assert {(r[1], r[2]) for r in rows} == {(p, i) for p in ("fwd", "fwd+bwd") for i in ("eager", "compile", "triton")}
     assert all(float(r[header.index("speedup_vs_eager")]) == 1.0 for r in rows if r[2] == "eager")
+
+
+def test_loader_bench_measures_the_baseline_in_the_same_run():
+    out = run_bench(BENCH / "loader.py", "--synthetic-mb", "2", "--threads", "2", "--no-history")
+    header, *rows = table(out, "impl")
+    assert header == ["impl", "threads", "ms", "batches_per_s", "text_mb_per_s", "speedup_vs_nanogpt"]
+    impls = [" ".join(r[:-5]) for r in rows]
+    assert impls[:2] == ["nanogpt", "numpy-reference"] and "c++ prefetched" in impls
+    assert float(rows[0][-1]) == 1.0 and all(float(r[2]) > 0 for r in rows)
