@@ -46,6 +46,7 @@ def test_every_field_is_a_flag():
     ({"min_lr_ratio": 2.0}, "min_lr_ratio in \\[0, 1\\] \\(2.0\\)"),
     ({"beta2": 1.0}, "beta1, beta2 in"),
     ({"keep_checkpoints": 0}, "keep_checkpoints and max_bad_steps must be at least 1"),
+    ({"compile_mode": "fast"}, "compile_mode must be one of"),
 ])
 def test_invalid_configs_name_the_problem(overrides, message):
     with pytest.raises(ValueError, match=message):
