@@ -124,6 +124,27 @@ def _keep(rows, cols, T, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _query_tile(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(first query row, batch * head) of a program that owns a query tile (fwd, dq). Under a causal mask
+    the last tiles see the most keys: they are launched first, which shortens the tail."""
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "the masked diagonal must be whole key tiles")
+    return (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M, tl.program_id(1)
+
+
+@triton.jit
+def _key_bounds(start_m, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(n_full, n_end) for the query tile at start_m: key tiles before n_full need no mask, those from
+    n_full to n_end do (the causal diagonal, or the last tile running past T), later ones are skipped."""
+    if CAUSAL:
+        n_full = start_m
+        n_end = tl.minimum(start_m + BLOCK_M, T)
+    else:
+        n_full = (T // BLOCK_N) * BLOCK_N
+        n_end = T
+    return n_full, n_end
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, lo, hi, T, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr,
                PRECISION: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
@@ -156,10 +177,7 @@ def _attn_fwd(Q, K, V, O, LSE, COS, SIN,
     # projection). O: contiguous (B, T, H, HEAD_DIM). LSE: (B, H, T) fp32, natural-log row log-sum-exp.
     # COS, SIN: (>= T, HEAD_DIM // 2) fp32 RoPE tables, None without ROPE. T_BUCKET only keys the autotuner.
     # Grid: (cdiv(T, BLOCK_M), B * H); BLOCK_N divides BLOCK_M.
-    tl.static_assert(BLOCK_M % BLOCK_N == 0, "the masked diagonal must be whole key tiles")
-    # Causal: the last query tiles see the most keys; launching them first shortens the tail.
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
+    start_m, bh = _query_tile(BLOCK_M, BLOCK_N)
     rows = start_m + tl.arange(0, BLOCK_M)
     q = _load_qk(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, stride_qt, T, COS, SIN, HEAD_DIM, ROPE)
     k_base = K + _head_offset(bh, H, stride_kb, stride_kh)
@@ -168,12 +186,7 @@ def _attn_fwd(Q, K, V, O, LSE, COS, SIN,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     qk_scale = sm_scale * _LOG2E
-    if CAUSAL:  # keys before the tile: no mask; keys on the diagonal: masked; keys after it: skipped
-        n_full = start_m
-        n_end = tl.minimum(start_m + BLOCK_M, T)
-    else:  # only the last key tile can run past T
-        n_full = (T // BLOCK_N) * BLOCK_N
-        n_end = T
+    n_full, n_end = _key_bounds(start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, 0, n_full, T,
                                qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, ROPE, PRECISION, UPCAST, False)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, n_full, n_end,
@@ -280,10 +293,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, COS, SIN,
     # Q, K, V as in _attn_fwd. DO, DQ: contiguous (B, T, H, HEAD_DIM). LSE, DELTA: (B, H, T) fp32.
     # One program owns BLOCK_M queries of one head and sweeps the key tiles they attend to.
     # Grid: (cdiv(T, BLOCK_M), B * H); BLOCK_N divides BLOCK_M.
-    tl.static_assert(BLOCK_M % BLOCK_N == 0, "the masked diagonal must be whole key tiles")
-    # Causal: the last query tiles see the most keys; launching them first shortens the tail.
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
+    start_m, bh = _query_tile(BLOCK_M, BLOCK_N)
     rows = start_m + tl.arange(0, BLOCK_M)
     q = _load_qk(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, stride_qt, T, COS, SIN, HEAD_DIM, ROPE)
     grad_offset = _head_offset(bh, H, T * H * HEAD_DIM, HEAD_DIM)
@@ -295,12 +305,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, COS, SIN,
     v_base = V + _head_offset(bh, H, stride_vb, stride_vh)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * _LOG2E
-    if CAUSAL:  # same tile split as the forward pass
-        n_full = start_m
-        n_end = tl.minimum(start_m + BLOCK_M, T)
-    else:
-        n_full = (T // BLOCK_N) * BLOCK_N
-        n_end = T
+    n_full, n_end = _key_bounds(start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, 0, n_full, T,
                    qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, ROPE, PRECISION, UPCAST, False)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, n_full, n_end, T,
