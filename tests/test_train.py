@@ -130,3 +130,21 @@ def test_sample_generates_text(tiny_dataset, tmp_path):
     for bad in ({"top_k": 0}, {"max_new_tokens": -1}, {"temperature": 0.0}):
         with pytest.raises(ValueError, match="sample: max_new_tokens must be"):
             sample(run, "<page>", device="cpu", **bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["base", "rope", "deep,rope,tipa"])
+def test_gpu_training_with_the_triton_kernels_follows_sdpa(tiny_dataset, tmp_path, variant):
+    """On a GPU, compiled and in bf16: the Triton kernels (RoPE alone, flash attention with RoPE fused)
+    train the model along the same loss curve as SDPA with PyTorch's RoPE."""
+    sizes = dict(n_layer=2, n_head=2, n_embd=128, block_size=128, device="cuda", compile=True, max_iters=30,
+                 eval_interval=30, log_interval=5)
+    curves = {}
+    for attn, rope in (("sdpa", "torch"), ("sdpa", "triton"), ("triton", "torch")):
+        run = tmp_path / f"{attn}-{rope}"
+        train(tiny_cfg(tiny_dataset, run, variant, attn=attn, rope_impl=rope, **sizes))
+        curves[attn, rope] = [r["train_loss"] for r in metrics(run)]
+    reference = curves["sdpa", "torch"]
+    assert reference[-1] < reference[0] - 0.5  # it learns
+    for impls, curve in curves.items():
+        assert curve == pytest.approx(reference, rel=2e-2), impls
