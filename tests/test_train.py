@@ -70,6 +70,19 @@ def test_existing_run_needs_resume(tiny_dataset, tmp_path):
         train(tiny_cfg(tiny_dataset, run, max_iters=5, eval_interval=5))
 
 
+def test_compiled_training_matches_eager_and_saves_plain_weights(tiny_dataset, tmp_path):
+    """--compile compiles the blocks one by one: same losses as eager, and checkpoints keep the plain
+    parameter names, so eval, sampling and resuming need not know."""
+    losses, keys = {}, {}
+    for compiled in (False, True):
+        run = tmp_path / f"compiled-{compiled}"
+        train(tiny_cfg(tiny_dataset, run, "rope", compile=compiled, max_iters=4, eval_interval=4, log_interval=1))
+        losses[compiled] = [r["train_loss"] for r in metrics(run)]
+        keys[compiled] = set(load_model(run, torch.device("cpu"))[0].state_dict())
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert keys[True] == keys[False]
+
+
 def test_a_resumed_run_keeps_its_variant(tiny_dataset, tmp_path):
     root, name = tiny_dataset
     run = tmp_path / "run"
