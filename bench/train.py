@@ -45,7 +45,7 @@ CASES = [
 ]
 CONFIGS = {
     "baseline": {"attn": "sdpa", "rope_impl": "torch"},
-    "charlm": {"attn": "triton", "rope_impl": "triton"},
+    "charlm": {"attn": "triton", "rope_impl": "fused"},
 }
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, from the vendors' data sheets.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

@@ -49,7 +49,7 @@ class Config:
     tipa_scope: str = "word"  # word | window
     # implementation choices (auto: the fastest correct one the device offers)
     attn: str = "auto"  # auto | sdpa | triton | naive
-    rope_impl: str = "auto"  # auto | torch | triton
+    rope_impl: str = "auto"  # auto | torch | triton | fused (into --attn triton)
     compile: bool | None = None  # torch.compile the model; None: on for CUDA
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
@@ -102,7 +102,9 @@ class Config:
              f"rope needs an even head dim, got n_embd / n_head = {self.head_dim}"),
             (self.pos_embedding in ("learned", "rope"), f"pos_embedding must be learned or rope, got {self.pos_embedding!r}"),
             (self.attn in ("auto", "sdpa", "triton", "naive"), f"attn must be auto, sdpa, triton or naive, got {self.attn!r}"),
-            (self.rope_impl in ("auto", "torch", "triton"), f"rope_impl must be auto, torch or triton, got {self.rope_impl!r}"),
+            (self.rope_impl in ("auto", "torch", "triton", "fused"),
+             f"rope_impl must be auto, torch, triton or fused, got {self.rope_impl!r}"),
+            (self.rope_impl != "fused" or self.attn == "triton", "rope_impl fused needs attn triton (the kernel it is fused into)"),
             (self.tipa_scope in ("word", "window"), f"tipa_scope must be word or window, got {self.tipa_scope!r}"),
             (self.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}"),
             (self.compile_mode in COMPILE_MODES, f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}"),

@@ -80,7 +80,7 @@ def _attention_bytes_per_token(cfg: Config) -> int:
         return H * T * (4 + act if uses_autocast(cfg) else 4)
     # Flash (SDPA, Triton): one fp32 log-sum-exp per row and head. RoPE outside the kernel makes rotated
     # copies of q and k (v stays a view); the Triton kernel rotates inside and keeps nothing extra.
-    rotates_outside = cfg.pos_embedding == "rope" and cfg.attn != "triton"
+    rotates_outside = cfg.pos_embedding == "rope" and cfg.rope_impl != "fused"
     return 4 * H + (2 * act * C if rotates_outside else 0)
 
 

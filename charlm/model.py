@@ -37,14 +37,17 @@ ROPE = {"torch": rope_reference, "triton": apply_rope}
 def pick_impls(cfg: Config, device: torch.device | None = None) -> tuple[str, str]:
     """Resolve `auto` attention/RoPE choices for a device.
 
-    RoPE: the Triton kernel on CUDA (one pass over q and k instead of several), the PyTorch reference
-    elsewhere. Attention: SDPA, until bench/attn.py has shown the Triton kernel at least as fast on a GPU;
-    `--attn triton` selects it (and fuses RoPE into it).
+    Attention: SDPA, until bench/attn.py has shown the Triton kernel at least as fast on a GPU; `--attn
+    triton` selects it. RoPE: fused into the Triton attention kernel when that is selected (rotated as q
+    and k tiles load: no pass of its own); otherwise the Triton RoPE kernel on CUDA (one pass over q and k
+    instead of several), the PyTorch reference elsewhere. `--rope-impl triton` with `--attn triton` runs
+    the two kernels one after the other (bench/attn.py times both ways).
     """
     attn = "sdpa" if cfg.attn == "auto" else cfg.attn
     on_cuda = device is not None and device.type == "cuda"
-    rope = ("triton" if on_cuda else "torch") if cfg.rope_impl == "auto" else cfg.rope_impl
-    return attn, rope
+    if cfg.rope_impl != "auto":
+        return attn, cfg.rope_impl
+    return attn, "fused" if attn == "triton" else "triton" if on_cuda else "torch"
 
 
 class CausalSelfAttention(nn.Module):
@@ -56,9 +59,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.rope_theta = cfg.rope_theta if cfg.pos_embedding == "rope" else None
         attn, rope = pick_impls(cfg)
-        self.attend, self.rotate = ATTENTION[attn], ROPE[rope]
-        # The Triton kernel rotates q and k as it loads them: no separate RoPE pass.
-        self.fused_rope = attn == "triton" and self.rope_theta is not None
+        # fused: the Triton attention kernel rotates q and k as it loads them, with no RoPE pass of its own.
+        self.fused_rope = rope == "fused" and self.rope_theta is not None
+        self.attend, self.rotate = ATTENTION[attn], ROPE.get(rope)
 
     def forward(self, x):
         B, T, C = x.shape

@@ -47,6 +47,7 @@ def test_every_field_is_a_flag():
     ({"beta2": 1.0}, "beta1, beta2 in"),
     ({"keep_checkpoints": 0}, "keep_checkpoints and max_bad_steps must be at least 1"),
     ({"compile_mode": "fast"}, "compile_mode must be one of"),
+    ({"rope_impl": "fused", "attn": "sdpa"}, "rope_impl fused needs attn triton"),
 ])
 def test_invalid_configs_name_the_problem(overrides, message):
     with pytest.raises(ValueError, match=message):

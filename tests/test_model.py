@@ -40,7 +40,7 @@ def test_forward_backward_shapes(variant):
 
 
 # (attn, rope_impl): the references, the RoPE kernel, and flash attention with RoPE fused in.
-IMPLS = [("sdpa", "torch"), ("naive", "torch"), ("sdpa", "triton"), ("triton", "torch")]
+IMPLS = [("sdpa", "torch"), ("naive", "torch"), ("sdpa", "triton"), ("triton", "triton"), ("triton", "fused")]
 
 
 @pytest.mark.parametrize("variant", ["base", "rope"])

@@ -153,7 +153,7 @@ def test_gpu_training_with_the_triton_kernels_follows_sdpa(tiny_dataset, tmp_pat
     sizes = dict(n_layer=2, n_head=2, n_embd=128, block_size=128, device="cuda", compile=True, max_iters=30,
                  eval_interval=30, log_interval=5)
     curves = {}
-    for attn, rope in (("sdpa", "torch"), ("sdpa", "triton"), ("triton", "torch")):
+    for attn, rope in (("sdpa", "torch"), ("sdpa", "triton"), ("triton", "triton"), ("triton", "fused")):
         run = tmp_path / f"{attn}-{rope}"
         train(tiny_cfg(tiny_dataset, run, variant, attn=attn, rope_impl=rope, **sizes))
         curves[attn, rope] = [r["train_loss"] for r in metrics(run)]
