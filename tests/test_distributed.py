@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from charlm.checkpoint import latest_checkpoint, load_checkpoint
 
@@ -99,3 +100,31 @@ def test_expert_scheme_under_torchrun_matches_one_process(tmp_path):
             if record[key] is not None:
                 assert ddp["stages"][name][key] == pytest.approx(record[key], rel=1e-4), (name, key)
     assert (tmp_path / "ddp" / "report.md").is_file()
+
+
+def _start_from_steps(rank: int, steps: list[int], tiny_dataset, tmp_path) -> None:
+    """One rank of a 2-process gloo group whose trainers stand at steps[rank]; writes what it was told."""
+    from charlm.config import resolve
+    from charlm.train import Dist, Trainer
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=rank, world_size=2)
+    root, name = tiny_dataset
+    cfg = resolve("base", "tiny", dataset=name, data_root=str(root), out_dir=str(tmp_path / "run"), device="cpu",
+                  compile=False, batch_size=8)
+    trainer = Trainer(cfg, Dist(rank, rank, 2), quiet=True)
+    trainer.step = steps[rank]
+    try:
+        trainer.check_ranks_agree_on_step()
+        message = "agreed"
+    except ValueError as e:
+        message = str(e)
+    (tmp_path / f"rank{rank}.txt").write_text(message)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("steps, expected", [([6, 6], "agreed"), ([6, 0], "ranks start from different steps")])
+def test_ranks_that_would_resume_from_different_steps_stop(tiny_dataset, tmp_path, steps, expected):
+    """As when a node cannot see the run folder: every rank refuses to start, none hangs."""
+    torch.multiprocessing.spawn(_start_from_steps, args=(steps, tiny_dataset, tmp_path), nprocs=2)
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.txt").read_text().startswith(expected)
