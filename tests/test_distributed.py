@@ -102,8 +102,9 @@ def test_expert_scheme_under_torchrun_matches_one_process(tmp_path):
     assert (tmp_path / "ddp" / "report.md").is_file()
 
 
-def _start_from_steps(rank: int, steps: list[int], tiny_dataset, tmp_path) -> None:
-    """One rank of a 2-process gloo group whose trainers stand at steps[rank]; writes what it was told."""
+def _rank_of_two(rank: int, steps: list[int], signalled: list[bool], tiny_dataset, tmp_path) -> None:
+    """One rank of a 2-process gloo group: a trainer at steps[rank], signalled or not; writes what the
+    ranks' agreements told it."""
     from charlm.config import resolve
     from charlm.train import Dist, Trainer
 
@@ -113,18 +114,22 @@ def _start_from_steps(rank: int, steps: list[int], tiny_dataset, tmp_path) -> No
                   compile=False, batch_size=8)
     trainer = Trainer(cfg, Dist(rank, rank, 2), quiet=True)
     trainer.step = steps[rank]
+    trainer.stop_signal = 15 if signalled[rank] else None
     try:
         trainer.check_ranks_agree_on_step()
-        message = "agreed"
+        message = f"agreed; stop {trainer._stop_requested()}"
     except ValueError as e:
         message = str(e)
     (tmp_path / f"rank{rank}.txt").write_text(message)
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("steps, expected", [([6, 6], "agreed"), ([6, 0], "ranks start from different steps")])
-def test_ranks_that_would_resume_from_different_steps_stop(tiny_dataset, tmp_path, steps, expected):
-    """As when a node cannot see the run folder: every rank refuses to start, none hangs."""
-    torch.multiprocessing.spawn(_start_from_steps, args=(steps, tiny_dataset, tmp_path), nprocs=2)
+@pytest.mark.parametrize("steps, signalled, expected", [
+    ([6, 6], [False, False], "agreed; stop False"),
+    ([6, 6], [False, True], "agreed; stop True"),  # a signal on one rank stops both, at the same step
+    ([6, 0], [False, False], "ranks start from different steps"),  # a node that cannot see the run folder
+])
+def test_ranks_agree_on_where_to_start_and_when_to_stop(tiny_dataset, tmp_path, steps, signalled, expected):
+    torch.multiprocessing.spawn(_rank_of_two, args=(steps, signalled, tiny_dataset, tmp_path), nprocs=2)
     for rank in range(2):
         assert (tmp_path / f"rank{rank}.txt").read_text().startswith(expected)
