@@ -105,6 +105,7 @@ class Config:
             (self.rope_impl in ("auto", "torch", "triton", "fused"),
              f"rope_impl must be auto, torch, triton or fused, got {self.rope_impl!r}"),
             (self.rope_impl != "fused" or self.attn == "triton", "rope_impl fused needs attn triton (the kernel it is fused into)"),
+            (self.rope_impl != "fused" or self.head_dim >= 32, f"rope_impl fused needs a head dim >= 32, got {self.head_dim}"),
             (self.tipa_scope in ("word", "window"), f"tipa_scope must be word or window, got {self.tipa_scope!r}"),
             (self.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}"),
             (self.compile_mode in COMPILE_MODES, f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}"),

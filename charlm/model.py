@@ -47,7 +47,8 @@ def pick_impls(cfg: Config, device: torch.device | None = None) -> tuple[str, st
     on_cuda = device is not None and device.type == "cuda"
     if cfg.rope_impl != "auto":
         return attn, cfg.rope_impl
-    return attn, "fused" if attn == "triton" else "triton" if on_cuda else "torch"
+    fusable = attn == "triton" and cfg.head_dim >= 32  # the kernel's fused RoPE needs D >= 32
+    return attn, "fused" if fusable else "triton" if on_cuda else "torch"
 
 
 class CausalSelfAttention(nn.Module):

@@ -11,10 +11,14 @@ before it run without a mask, and only the diagonal tiles are masked (each loop 
 MASKED constant). Any T: rows past T read as zero, are never stored, and get lse = +inf in backward so
 they contribute nothing.
 
-RoPE (rope_theta set; half-split convention, row t at position t): q and k tiles are rotated as they are
-loaded, from the fp32 cos/sin tables (rope.cos_sin_table) that rope_reference uses, and rounded to the input
-dtype as rope_reference rounds them; so the result is rope_reference then attention, without a separate
-RoPE pass over memory. Backward rotates dq and dk back by minus the angle: gradients w.r.t. the inputs.
+RoPE (rope_theta set; half-split convention, row t at position t; D >= 32): q and k tiles are rotated as
+they are loaded, from the fp32 cos/sin tables (rope.cos_sin_table) that rope_reference uses, and rounded to
+the input dtype as rope_reference rounds them; so the result is rope_reference then attention, without a
+separate RoPE pass over memory. The tiles are kept as their two halves (dims i and i + D/2, which the
+rotation pairs): each element and table entry is read once, no register shuffle is needed, and a score is
+one dot per half. Compiled with Triton 3.6 for sm_90a at D=64, this takes a third less shared memory than
+rotating whole tiles (each with its half-swapped partner) did, at the same registers in the forward pass
+and more in the backward. Backward rotates dq and dk back by minus the angle, half by half.
 
 Under TRITON_INTERPRET=1 (CPU) the kernels run with one fixed small config, and dot operands are upcast
 to fp32 because the interpreter reads bf16 dot operands from their raw bits.
@@ -70,38 +74,46 @@ def _rope_cos_sin(COS, SIN, rows, T, pairs, HALF: tl.constexpr):
 
 @triton.jit
 def _load_qk(base, rows, stride_t, T, COS, SIN, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr):
-    """A q or k tile as the scores see it: with ROPE rotated, then rounded to the input dtype like rope_reference.
-
-    The rotation is x * cos + partner * (-sin | +sin), partner being the tile with its halves swapped
-    (dim i <-> i + D/2) and the sign - on the first half: a second load, contiguous like the first, and all
-    else elementwise in the load's layout, so the tile reaches the dot without any register shuffle.
-    """
-    x = _load_rows(base, rows, stride_t, T, HEAD_DIM)
+    """A q or k tile as the scores see it, as two parts: with ROPE its halves (dims < D/2 and >= D/2), each
+    (rows, D/2), rotated (x1 cos - x2 sin, x2 cos + x1 sin) and rounded to the input dtype like
+    rope_reference; without, the whole tile, twice. Halves need no register shuffle and read each table
+    entry and each element once; the scores then sum one dot per half (_scores)."""
     if ROPE:
         HALF: tl.constexpr = HEAD_DIM // 2
-        dims = tl.arange(0, HEAD_DIM)
-        partner = tl.load(base + rows[:, None] * stride_t + ((dims + HALF) % HEAD_DIM)[None, :],
-                          mask=(rows < T)[:, None], other=0.0)
-        cos, sin = _rope_cos_sin(COS, SIN, rows, T, dims % HALF, HALF)
-        sin = tl.where((dims < HALF)[None, :], -sin, sin)
-        x = (x.to(tl.float32) * cos + partner.to(tl.float32) * sin).to(x.dtype)
-    return x
+        x1 = _load_rows(base, rows, stride_t, T, HALF)
+        x2 = _load_rows(base + HALF, rows, stride_t, T, HALF)
+        cos, sin = _rope_cos_sin(COS, SIN, rows, T, tl.arange(0, HALF), HALF)
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        part1, part2 = (a * cos - b * sin).to(x1.dtype), (b * cos + a * sin).to(x1.dtype)
+    else:
+        part1 = _load_rows(base, rows, stride_t, T, HEAD_DIM)
+        part2 = part1
+    return part1, part2
 
 
 @triton.jit
-def _store_qk_grad(base, g, rows, stride_t, T, COS, SIN, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   ROPE: tl.constexpr):
-    """Store the gradient g (BLOCK, HEAD_DIM) of a q or k tile. With ROPE the scores saw R x, so the gradient
-    w.r.t. x is R^T g, the rotation by minus the angle: done on the tile's two halves, split apart in
-    registers (once per program, so cheap) and stored each on its own."""
+def _qk_zeros(BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr):
+    """fp32 accumulators for the gradient of a q or k tile, in the parts _load_qk gives."""
+    if ROPE:
+        part1 = tl.zeros([BLOCK, HEAD_DIM // 2], tl.float32)
+        part2 = tl.zeros([BLOCK, HEAD_DIM // 2], tl.float32)
+    else:
+        part1 = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+        part2 = tl.zeros([1, 1], tl.float32)  # unused
+    return part1, part2
+
+
+@triton.jit
+def _store_qk_grad(base, g1, g2, rows, stride_t, T, COS, SIN, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr):
+    """Store the gradient (parts g1, g2 as _qk_zeros makes them) of a q or k tile. With ROPE the scores saw
+    R x, so the gradient w.r.t. x is R^T g, the rotation by minus the angle, done half by half."""
     if ROPE:
         HALF: tl.constexpr = HEAD_DIM // 2
-        g1, g2 = tl.split(tl.permute(tl.reshape(g, (BLOCK, 2, HALF)), (0, 2, 1)))
         cos, sin = _rope_cos_sin(COS, SIN, rows, T, tl.arange(0, HALF), HALF)
         _store_rows(base, g1 * cos + g2 * sin, rows, stride_t, T, HALF)
         _store_rows(base + HALF, g2 * cos - g1 * sin, rows, stride_t, T, HALF)
     else:
-        _store_rows(base, g, rows, stride_t, T, HEAD_DIM)
+        _store_rows(base, g1, rows, stride_t, T, HEAD_DIM)
 
 
 @triton.jit
@@ -111,6 +123,24 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _scores(a1, a2, b1, b2, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROPE: tl.constexpr):
+    """a b^T for tiles in _load_qk's parts: one dot per half with ROPE, one dot of the whole without."""
+    s = _dot(a1, tl.trans(b1), None, PRECISION, UPCAST)
+    if ROPE:
+        s = _dot(a2, tl.trans(b2), s, PRECISION, UPCAST)
+    return s
+
+
+@triton.jit
+def _accumulate(g1, g2, ds, b1, b2, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROPE: tl.constexpr):
+    """(g1, g2) + ds b, for b in _load_qk's parts and g in _qk_zeros's."""
+    g1 = _dot(ds, b1, g1, PRECISION, UPCAST)
+    if ROPE:
+        g2 = _dot(ds, b2, g2, PRECISION, UPCAST)
+    return g1, g2
 
 
 @triton.jit
@@ -145,14 +175,14 @@ def _key_bounds(start_m, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, lo, hi, T, qk_scale,
+def _fwd_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, lo, hi, T, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr,
                PRECISION: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
     """Online softmax over the key tiles lo .. hi of one query tile; MASKED for the tiles that need it."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_qk(k_base, cols, stride_kt, T, COS, SIN, HEAD_DIM, ROPE)
-        s = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
+        k1, k2 = _load_qk(k_base, cols, stride_kt, T, COS, SIN, HEAD_DIM, ROPE)
+        s = _scores(q1, q2, k1, k2, PRECISION, UPCAST, ROPE) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
         if MASKED:
             s = tl.where(_keep(rows, cols, T, CAUSAL), s, float("-inf"))
         # Every row has a finite score in the first tile it meets (key 0 is never masked), so m_new is
@@ -179,7 +209,7 @@ def _attn_fwd(Q, K, V, O, LSE, COS, SIN,
     # Grid: (cdiv(T, BLOCK_M), B * H); BLOCK_N divides BLOCK_M.
     start_m, bh = _query_tile(BLOCK_M, BLOCK_N)
     rows = start_m + tl.arange(0, BLOCK_M)
-    q = _load_qk(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, stride_qt, T, COS, SIN, HEAD_DIM, ROPE)
+    q1, q2 = _load_qk(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, stride_qt, T, COS, SIN, HEAD_DIM, ROPE)
     k_base = K + _head_offset(bh, H, stride_kb, stride_kh)
     v_base = V + _head_offset(bh, H, stride_vb, stride_vh)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -187,10 +217,10 @@ def _attn_fwd(Q, K, V, O, LSE, COS, SIN,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     qk_scale = sm_scale * _LOG2E
     n_full, n_end = _key_bounds(start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, 0, n_full, T,
-                               qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, ROPE, PRECISION, UPCAST, False)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, n_full, n_end,
-                               T, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, ROPE, PRECISION, UPCAST, True)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, 0, n_full,
+                               T, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, ROPE, PRECISION, UPCAST, False)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, n_full,
+                               n_end, T, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, ROPE, PRECISION, UPCAST, True)
     o_base = O + _head_offset(bh, H, T * H * HEAD_DIM, HEAD_DIM)
     _store_rows(o_base, acc / l_i[:, None], rows, H * HEAD_DIM, T, HEAD_DIM)
     tl.store(LSE + bh * T + rows, (m_i + tl.math.log2(l_i)) * _LN2, mask=rows < T)
@@ -209,27 +239,27 @@ def _attn_bwd_preprocess(O, DO, DELTA, H, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, COS, SIN, cols, lo, hi,
-                T, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr,
+def _dkdv_tiles(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, COS, SIN, cols,
+                lo, hi, T, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr,
                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
     """Accumulate dK (unscaled) and dV of one key tile over the query tiles lo .. hi, in transposed form."""
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_qk(q_base, rows, stride_qt, T, COS, SIN, HEAD_DIM, ROPE)
+        q1, q2 = _load_qk(q_base, rows, stride_qt, T, COS, SIN, HEAD_DIM, ROPE)
         do = _load_rows(do_base, rows, stride_dot, T, HEAD_DIM)
         in_seq = rows < T
         # Rows past T get lse = +inf, hence p = 0: they add nothing to dK or dV.
         lse = tl.load(lse_base + rows, mask=in_seq, other=float("inf")) * _LOG2E
         delta = tl.load(delta_base + rows, mask=in_seq, other=0.0)
-        s_t = _dot(k, tl.trans(q), None, PRECISION, UPCAST) * qk_scale  # (BLOCK_N, BLOCK_M): scores, transposed
+        s_t = _scores(k1, k2, q1, q2, PRECISION, UPCAST, ROPE) * qk_scale  # (BLOCK_N, BLOCK_M): scores, transposed
         p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:  # causal diagonal, transposed
             p_t = tl.where(cols[:, None] <= rows[None, :], p_t, 0.0)
         dv = _dot(p_t.to(do.dtype), do, dv, PRECISION, UPCAST)
         dp_t = _dot(v, tl.trans(do), None, PRECISION, UPCAST)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = _dot(ds_t.to(q.dtype), q, dk, PRECISION, UPCAST)
-    return dk, dv
+        dk1, dk2 = _accumulate(dk1, dk2, ds_t.to(q1.dtype), q1, q2, PRECISION, UPCAST, ROPE)
+    return dk1, dk2, dv
 
 
 @triton.jit
@@ -245,43 +275,44 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COS, SIN,
     start_n = tl.program_id(0) * BLOCK_N  # causal: the first key tiles, the most queries, go first
     bh = tl.program_id(1)
     cols = start_n + tl.arange(0, BLOCK_N)
-    k = _load_qk(K + _head_offset(bh, H, stride_kb, stride_kh), cols, stride_kt, T, COS, SIN, HEAD_DIM, ROPE)
+    k1, k2 = _load_qk(K + _head_offset(bh, H, stride_kb, stride_kh), cols, stride_kt, T, COS, SIN, HEAD_DIM, ROPE)
     v = _load_rows(V + _head_offset(bh, H, stride_vb, stride_vh), cols, stride_vt, T, HEAD_DIM)
     q_base = Q + _head_offset(bh, H, stride_qb, stride_qh)
     grad_offset = _head_offset(bh, H, T * H * HEAD_DIM, HEAD_DIM)
     do_base = DO + grad_offset
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dk1, dk2 = _qk_zeros(BLOCK_N, HEAD_DIM, ROPE)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * _LOG2E
     if CAUSAL:  # queries on the diagonal: masked; queries after it: no mask; queries before it: skipped
         m_full = tl.minimum(start_n + BLOCK_N, T)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE + bh * T, DELTA + bh * T, stride_qt, H * HEAD_DIM,
-                             COS, SIN, cols, start_n, m_full, T, qk_scale, HEAD_DIM, BLOCK_M, ROPE, PRECISION, UPCAST,
-                             True)
+        dk1, dk2, dv = _dkdv_tiles(dk1, dk2, dv, k1, k2, v, q_base, do_base, LSE + bh * T, DELTA + bh * T,
+                                   stride_qt, H * HEAD_DIM, COS, SIN, cols, start_n, m_full, T, qk_scale, HEAD_DIM,
+                                   BLOCK_M, ROPE, PRECISION, UPCAST, True)
     else:  # keys past T are never stored, so nothing needs a mask
         m_full = 0
-    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE + bh * T, DELTA + bh * T, stride_qt, H * HEAD_DIM,
-                         COS, SIN, cols, m_full, T, T, qk_scale, HEAD_DIM, BLOCK_M, ROPE, PRECISION, UPCAST, False)
-    _store_qk_grad(DK + grad_offset, dk * sm_scale, cols, H * HEAD_DIM, T, COS, SIN, BLOCK_N, HEAD_DIM, ROPE)
+    dk1, dk2, dv = _dkdv_tiles(dk1, dk2, dv, k1, k2, v, q_base, do_base, LSE + bh * T, DELTA + bh * T, stride_qt,
+                               H * HEAD_DIM, COS, SIN, cols, m_full, T, T, qk_scale, HEAD_DIM, BLOCK_M, ROPE, PRECISION,
+                               UPCAST, False)
+    _store_qk_grad(DK + grad_offset, dk1 * sm_scale, dk2 * sm_scale, cols, H * HEAD_DIM, T, COS, SIN, HEAD_DIM, ROPE)
     _store_rows(DV + grad_offset, dv, cols, H * HEAD_DIM, T, HEAD_DIM)
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, lo, hi, T, qk_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr,
+def _dq_tiles(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, lo, hi, T,
+              qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr,
               PRECISION: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
     """Accumulate dQ (unscaled) of one query tile over the key tiles lo .. hi."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_qk(k_base, cols, stride_kt, T, COS, SIN, HEAD_DIM, ROPE)
+        k1, k2 = _load_qk(k_base, cols, stride_kt, T, COS, SIN, HEAD_DIM, ROPE)
         v = _load_rows(v_base, cols, stride_vt, T, HEAD_DIM)
-        p = tl.math.exp2(_dot(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale - lse[:, None])
+        p = tl.math.exp2(_scores(q1, q2, k1, k2, PRECISION, UPCAST, ROPE) * qk_scale - lse[:, None])
         if MASKED:
             p = tl.where(_keep(rows, cols, T, CAUSAL), p, 0.0)
         dp = _dot(do, tl.trans(v), None, PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(k.dtype), k, dq, PRECISION, UPCAST)
-    return dq
+        dq1, dq2 = _accumulate(dq1, dq2, ds.to(k1.dtype), k1, k2, PRECISION, UPCAST, ROPE)
+    return dq1, dq2
 
 
 @triton.jit
@@ -295,7 +326,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, COS, SIN,
     # Grid: (cdiv(T, BLOCK_M), B * H); BLOCK_N divides BLOCK_M.
     start_m, bh = _query_tile(BLOCK_M, BLOCK_N)
     rows = start_m + tl.arange(0, BLOCK_M)
-    q = _load_qk(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, stride_qt, T, COS, SIN, HEAD_DIM, ROPE)
+    q1, q2 = _load_qk(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, stride_qt, T, COS, SIN, HEAD_DIM, ROPE)
     grad_offset = _head_offset(bh, H, T * H * HEAD_DIM, HEAD_DIM)
     do = _load_rows(DO + grad_offset, rows, H * HEAD_DIM, T, HEAD_DIM)
     in_seq = rows < T
@@ -303,14 +334,14 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, COS, SIN,
     delta = tl.load(DELTA + bh * T + rows, mask=in_seq, other=0.0)
     k_base = K + _head_offset(bh, H, stride_kb, stride_kh)
     v_base = V + _head_offset(bh, H, stride_vb, stride_vh)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq1, dq2 = _qk_zeros(BLOCK_M, HEAD_DIM, ROPE)
     qk_scale = sm_scale * _LOG2E
     n_full, n_end = _key_bounds(start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, 0, n_full, T,
-                   qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, ROPE, PRECISION, UPCAST, False)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, n_full, n_end, T,
-                   qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, ROPE, PRECISION, UPCAST, True)
-    _store_qk_grad(DQ + grad_offset, dq * sm_scale, rows, H * HEAD_DIM, T, COS, SIN, BLOCK_M, HEAD_DIM, ROPE)
+    dq1, dq2 = _dq_tiles(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, 0,
+                         n_full, T, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, ROPE, PRECISION, UPCAST, False)
+    dq1, dq2 = _dq_tiles(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, stride_kt, stride_vt, COS, SIN, rows, n_full,
+                         n_end, T, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, ROPE, PRECISION, UPCAST, True)
+    _store_qk_grad(DQ + grad_offset, dq1 * sm_scale, dq2 * sm_scale, rows, H * HEAD_DIM, T, COS, SIN, HEAD_DIM, ROPE)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -340,12 +371,12 @@ def _triton_configs(candidates: list[tuple]) -> list[triton.Config]:
 
 def _smem_bytes(kernel: str, m: int, n: int, stages: int, head_dim: int, elem: int, rope: bool) -> int:
     """Shared memory a config needs at least: the tiles a program loads once plus, for each of stages - 1
-    pipelined iterations in flight, the streamed tiles and, with RoPE, the streamed q or k tile's partner
-    load and fp32 cos and sin rows. Checked against Triton 3.6's compiler: exact on Ampere for 16-bit
-    inputs without RoPE, up to 17% under with RoPE at D=128 or in fp32; Hopper adds one more stage of K/V
-    (or Q/dO). A config that does not fit after all fails to launch and the autotuner skips it."""
+    pipelined iterations in flight, the streamed tiles and, with RoPE, the streamed q or k tile's fp32 cos
+    and sin rows (D/2 each). Checked against Triton 3.6's compiler (sm_80): exact for 16-bit inputs without
+    RoPE, a lower bound with it; Hopper adds one more stage of K/V (or Q/dO). A config that does not fit
+    after all fails to launch and the autotuner skips it."""
     once, streamed, streamed_qk = {"fwd": (m, 2 * n, n), "dkdv": (2 * n, 2 * m, m), "dq": (2 * m, 2 * n, n)}[kernel]
-    per_stage = elem * streamed + ((elem + 8) * streamed_qk if rope else 0)
+    per_stage = elem * streamed + (4 * streamed_qk if rope else 0)
     return head_dim * (elem * once + (stages - 1) * per_stage)
 
 
@@ -354,19 +385,22 @@ def _max_shared_mem(device_index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
-def _spills_at_128(kernel: str, config: triton.Config, rope: bool) -> bool:
-    """Configs that ptxas (Triton 3.6) compiles with large register spills at D=128: 128-query tiles on 4
-    warps (fwd, dq), and with RoPE the 8-warp dkdv tiles."""
-    if kernel == "dkdv":
-        return rope and config.num_warps == 8
-    return config.kwargs["BLOCK_M"] == 128 and config.num_warps == 4
+def _accumulator_regs(kernel: str, config: triton.Config, head_dim: int) -> int:
+    """fp32 accumulator elements per thread: the rows a program owns times D (twice in dkdv: dK and dV) over
+    its threads. Above 64 (only at D=128), ptxas (Triton 3.6, sm_90a and sm_80) spills registers for
+    most configs, with RoPE by up to kilobytes: they are not worth compiling."""
+    owned = config.kwargs["BLOCK_N"] * 2 if kernel == "dkdv" else config.kwargs["BLOCK_M"]
+    return owned * head_dim // (32 * config.num_warps)
+
+
+MAX_ACCUMULATOR_REGS = 64
 
 
 def _pruner(kernel: str):
     """early_config_prune: drop configs whose own tile (the rows a program owns) is longer than T rounded
     up to a power of two (mostly padding, and too few programs), always keeping the shortest tile; configs
-    that overflow shared memory; at D=128 those that spill registers. fp32 inputs (tests: exact fp32 dots
-    run on CUDA cores, not tensor cores) get the smallest config alone, so that they compile in seconds."""
+    that overflow shared memory; those whose accumulators crowd the registers. fp32 inputs (tests: exact
+    fp32 dots run on CUDA cores, not tensor cores) get the smallest config alone, compiled in seconds."""
     owned = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"
 
     def prune(configs, named_args, **kwargs):
@@ -381,7 +415,7 @@ def _pruner(kernel: str):
         longest = max(named_args["T_BUCKET"], min(c.kwargs[owned] for c in configs))
         budget = _max_shared_mem(q.device.index)
         kept = [c for c in configs if c.kwargs[owned] <= longest and smem(c) <= budget
-                and not (head_dim == 128 and _spills_at_128(kernel, c, kwargs["ROPE"]))]
+                and _accumulator_regs(kernel, c, head_dim) <= MAX_ACCUMULATOR_REGS]
         return kept or [min(configs, key=smem)]
     return prune
 
@@ -514,6 +548,8 @@ def _check_inputs(q, k, v, rope_theta) -> None:
         raise ValueError(f"flash_attn: head dim D={q.shape[-1]} is unsupported, expected one of {HEAD_DIMS}")
     if rope_theta is not None and not rope_theta > 0:
         raise ValueError(f"flash_attn: rope_theta must be positive (or None for no RoPE), got {rope_theta}")
+    if rope_theta is not None and q.shape[-1] < 32:  # a dot per half needs halves of 16 or more
+        raise ValueError(f"flash_attn: fused RoPE needs head dim D >= 32, got D={q.shape[-1]}")
 
 
 def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,

@@ -50,7 +50,7 @@ def test_attention_and_rope_implementations_agree(variant, kernel_device):
     results = []
     for attn, rope in IMPLS:
         torch.manual_seed(0)
-        model = GPT(tiny(variant, attn=attn, rope_impl=rope, n_head=2)).to(kernel_device)  # head dim 16
+        model = GPT(tiny(variant, attn=attn, rope_impl=rope, n_embd=64, n_head=2)).to(kernel_device)  # head dim 32
         logits, loss, _ = model(x, y)
         results.append((logits, torch.autograd.grad(loss, list(model.parameters()))))
     (ref_logits, ref_grads), *others = results
