@@ -5,9 +5,12 @@
     python bench/train.py --preset tiny --steps 5      # CPU smoke test (labelled with the CPU's name)
     python bench/train.py --data data/enwik8           # a prepared dataset instead of a synthetic one
 
-Both configurations run the same model, global batch (64 sequences) and memory plan:
+Both configurations run the same model, global batch (64 sequences) and memory plan, and both compile it
+block by block as charlm.train does (nanoGPT compiles the whole model: slower to compile, not to run), so
+the ratio measures the kernels and the loader:
   baseline  nanoGPT: PyTorch RoPE, SDPA attention, torch.compile, fused AdamW, np.memmap batches
-  charlm    Triton RoPE and flash attention (RoPE fused in), torch.compile, fused AdamW, the C++ loader
+  charlm    Triton flash attention with RoPE fused in, torch.compile (--compile-mode), fused AdamW, the C++
+            loader
 Step time is the median over timed optimizer steps after warm-up and compilation; tokens/s = tokens per
 step / step time. MFU = flops_per_token * tokens/s / peak bf16 dense FLOP/s of the device, with flops_per_token =
 6 * (N - V * n_embd) + 6 * n_layer * block_size * n_embd (N = parameters without position embeddings, less
