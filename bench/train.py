@@ -6,7 +6,7 @@
     python bench/train.py --data data/enwik8           # a prepared dataset instead of a synthetic one
 
 Both configurations run the same model, global batch (64 sequences) and memory plan, and both compile it
-block by block as charlm.train does (nanoGPT compiles the whole model, which takes minutes at DEEP), so
+block by block as charlm.train does (nanoGPT compiles the whole model as one graph), so
 the ratio measures the kernels and the loader:
   baseline  nanoGPT: PyTorch RoPE, SDPA attention, torch.compile, fused AdamW, np.memmap batches
   charlm    Triton flash attention with RoPE fused in, torch.compile (--compile-mode), fused AdamW, the C++
