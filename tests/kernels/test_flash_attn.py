@@ -87,7 +87,6 @@ def test_fused_rope(kernel_device, T, D, dtype, causal):
     check_against_reference(*make_qkv(2, T, 2, D, dtype, kernel_device), causal, rope_theta=THETA)
 
 
-@pytest.mark.skipif(not hasattr(rope, "apply_rope"), reason="kernels/rope.py has no apply_rope yet")
 def test_fused_rope_equals_apply_rope_then_attention(kernel_device):
     q, k, v = make_qkv(2, 37, 2, 32, torch.float32, kernel_device)
     fused = flash_attn(q, k, v, rope_theta=THETA)
