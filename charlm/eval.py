@@ -68,25 +68,12 @@ def scoring_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[i
     return windows
 
 
-def _summed_over_ranks(nats: torch.Tensor, count: int, d: Dist) -> tuple[float, int]:
-    """(nats, count) summed over the ranks of a distributed run (each scored its shard)."""
-    if d.world_size > 1:
-        both = torch.stack([nats, torch.tensor(float(count), dtype=torch.float64, device=nats.device)])
-        dist.all_reduce(both)
-        nats, count = both[0], int(both[1].item())
-    return nats.item(), count
-
-
 @torch.no_grad()
-def split_bpc(model: GPT, tokens: np.ndarray, block_size: int, stride: int, batch_size: int,
-              device: torch.device, amp, desc: str = "", d: Dist = Dist(), progress: bool = True) -> tuple[float, int]:
-    """(BPC, characters scored) of a token array; the sum of losses is accumulated in float64. Under torchrun
-    each rank scores every world_size-th window and the sums are combined."""
-    windows = scoring_windows(len(tokens), block_size, stride)[d.rank::d.world_size]
-    T = min(block_size, len(tokens) - 1)
+def _nats(model: GPT, tokens: np.ndarray, windows: list[tuple[int, int]], T: int, batch_size: int,
+          device: torch.device, amp, progress: tqdm | None) -> tuple[torch.Tensor, int]:
+    """(sum of next-token losses in nats, float64 on the device, targets scored) of the given windows."""
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    batches = range(0, len(windows), batch_size)
-    for i in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not (progress and d.master)):
+    for i in range(0, len(windows), batch_size):
         chunk = windows[i:i + batch_size]
         rows = np.stack([tokens[s:s + T + 1] for s, _ in chunk]).astype(np.int64)
         x, y = torch.from_numpy(rows[:, :-1]).to(device), torch.from_numpy(rows[:, 1:]).to(device)
@@ -96,25 +83,47 @@ def split_bpc(model: GPT, tokens: np.ndarray, block_size: int, stride: int, batc
         mask = torch.arange(T, device=device)[None, :] >= first[:, None]
         total += (nll * mask).sum(dtype=torch.float64)
         count += sum(T - f for _, f in chunk)
-    total, count = _summed_over_ranks(total, count, d)
-    return total / count / LN2, count
+        if progress is not None:
+            progress.update(1)
+    return total, count
+
+
+def _bpc_over_ranks(nats: torch.Tensor, count: int, d: Dist) -> tuple[float, int]:
+    """(BPC, characters scored) from each rank's (nats, count) of its shard, summed over the ranks."""
+    if d.world_size > 1:
+        both = torch.stack([nats, torch.tensor(float(count), dtype=torch.float64, device=nats.device)])
+        dist.all_reduce(both)
+        nats, count = both[0], int(both[1].item())
+    return nats.item() / count / LN2 if count else math.nan, count
+
+
+def split_bpc(model: GPT, tokens: np.ndarray, block_size: int, stride: int, batch_size: int,
+              device: torch.device, amp, desc: str = "", d: Dist = Dist()) -> tuple[float, int]:
+    """(BPC, characters scored) of a token array; the sum of losses is accumulated in float64. Under torchrun
+    each rank scores every world_size-th window and the sums are combined."""
+    windows = scoring_windows(len(tokens), block_size, stride)[d.rank::d.world_size]
+    with tqdm(total=-(-len(windows) // batch_size), desc=desc, unit="batch", leave=False,
+              disable=not d.master) as bar:
+        nats, count = _nats(model, tokens, windows, min(block_size, len(tokens) - 1), batch_size, device, amp, bar)
+    return _bpc_over_ranks(nats, count, d)
 
 
 def spans_bpc(model: GPT, tokens: np.ndarray, spans: np.ndarray, block_size: int, stride: int, batch_size: int,
               device: torch.device, amp, desc: str = "", d: Dist = Dist()) -> tuple[float, int]:
-    """(BPC, characters scored) over spans (rows start, length[, ...]) of a token array, each scored by
-    split_bpc as a document of its own; spans of fewer than 2 tokens have nothing to score. Under torchrun
-    each rank scores every world_size-th span."""
-    bits, count = 0.0, 0
+    """(BPC, characters scored) over spans (rows start, length[, ...]) of a token array, each scored as a
+    document of its own (its windows as split_bpc makes them); spans of fewer than 2 tokens have nothing to
+    score. Under torchrun each rank scores every world_size-th span."""
+    nats, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for start, length in tqdm(spans[d.rank::d.world_size, :2].tolist(), desc=desc, unit="span", disable=not d.master):
         if length >= 2:
-            bpc, n = split_bpc(model, tokens[start:start + length], block_size, stride, batch_size, device, amp,
-                               progress=False)  # the bar over spans is progress enough
-            bits, count = bits + bpc * n, count + n
-    nats, count = _summed_over_ranks(torch.tensor(bits * LN2, dtype=torch.float64, device=device), count, d)
+            span = tokens[start:start + length]
+            windows = scoring_windows(length, block_size, stride)
+            span_nats, n = _nats(model, span, windows, min(block_size, length - 1), batch_size, device, amp, None)
+            nats, count = nats + span_nats, count + n
+    bpc, count = _bpc_over_ranks(nats, count, d)
     if count == 0:
         raise ValueError(f"{desc or 'spans'}: no span holds a character to score")
-    return nats / count / LN2, count
+    return bpc, count
 
 
 def eval_filename(category: str = "") -> str:

@@ -44,9 +44,9 @@ def pick_impls(cfg: Config, device: torch.device | None = None) -> tuple[str, st
     the two kernels one after the other (bench/attn.py times both ways).
     """
     attn = "sdpa" if cfg.attn == "auto" else cfg.attn
-    on_cuda = device is not None and device.type == "cuda"
     if cfg.rope_impl != "auto":
         return attn, cfg.rope_impl
+    on_cuda = device is not None and device.type == "cuda"
     fusable = attn == "triton" and cfg.head_dim >= 32  # the kernel's fused RoPE needs D >= 32
     return attn, "fused" if fusable else "triton" if on_cuda else "torch"
 

@@ -4,8 +4,8 @@ A word is a maximal run of word tokens; with tokenization "bytes" the word bytes
 digits and every byte >= 0x80 (so UTF-8 encoded letters stay inside words), with "unicode" the code points
 that are letters or decimal digits by Unicode category (L*, Nd; not other numerals such as "½" or "²").
 For the token at 0-based index i of a word of length L the reverse position is L - i (the last token of a
-word has 1), clipped to ``tipa_max``; delimiters have 0. The end
-of the token array ends a word, so a word that runs to the end of a split ends there.
+word has 1), clipped to ``tipa_max``; delimiters have 0. The end of the token array ends a word, so a word
+that runs to the end of a split ends there.
 
 Scope "window" (the report's literal mapping) replaces this with the distance to the end of the training
 window: for target position j in 0..T-1 of a window of T targets the value is min(T - j, tipa_max).

@@ -387,10 +387,8 @@ class Trainer:
         self._truncate_metrics(self.step)
         if not self.quiet:
             print(self.plan.describe())
-            rope = "off" if cfg.pos_embedding != "rope" else "fused into attention" if cfg.attn == "triton" \
-                else cfg.rope_impl
             print(f"model: {self.raw_model.num_params() / 1e6:.2f}M parameters; attention {cfg.attn}, "
-                  f"rope {rope}, device {self.device}")
+                  f"rope {cfg.rope_impl if cfg.pos_embedding == 'rope' else 'off'}, device {self.device}")
         tokens_per_step = cfg.batch_size * cfg.block_size
         row: dict = {}
         bar = tqdm(total=cfg.max_iters, initial=self.step, disable=self.quiet, unit="step", dynamic_ncols=True)

@@ -181,9 +181,9 @@ def test_autotune_pruning(monkeypatch, kernel, candidates):
     assert kept(256) == configs and kept(512) == configs
     shortest = min(c.kwargs[owned] for c in configs)
     assert {c.kwargs[owned] for c in kept(16)} == {shortest}
-    for rope in (False, True):  # D = 128: the largest tiles, and no config that spills registers
-        survivors = kept(512, 128, rope)
-        fits = [fa._smem_bytes(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, 128, 2, rope) <= budget
+    for fused_rope in (False, True):  # D = 128: the largest tiles, and no config that spills registers
+        survivors = kept(512, 128, fused_rope)
+        fits = [fa._smem_bytes(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, 128, 2, fused_rope) <= budget
                 for c in survivors]
         assert survivors and (all(fits) or len(survivors) == 1)
         assert all(fa._accumulator_regs(kernel, c, 128) <= fa.MAX_ACCUMULATOR_REGS for c in survivors)
