@@ -73,3 +73,18 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: figures render to files on machines without a display."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Write a matplotlib figure to `path` (PNG) atomically and close it."""
+    atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
+    pyplot().close(fig)
+    return Path(path)
