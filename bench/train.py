@@ -35,7 +35,8 @@ if not torch.cuda.is_available():  # as in tests/conftest.py: triton.jit reads t
 from charlm.config import COMPILE_MODES, resolve  # noqa: E402
 from charlm.data import prepare  # noqa: E402
 from charlm.loader import NumpyBatchLoader  # noqa: E402
-from charlm.train import Trainer  # noqa: E402
+from charlm.model import flops_per_token  # noqa: E402
+from charlm.trainer import Trainer  # noqa: E402
 from common import append_history, peak_memory_gb, print_table, record  # noqa: E402
 
 # (name, variant, overrides) of the measured models.
@@ -78,8 +79,8 @@ def make_trainer(data_dir: Path, out_dir: Path, variant: str, overrides: dict, i
     trainer = Trainer(cfg, quiet=True)
     if impl == "baseline":  # nanoGPT's data path: np.memmap and fancy indexing on the main thread
         loader = trainer.train_loader
-        trainer.train_loader = NumpyBatchLoader(data_dir, "train", cfg.batch_size, cfg.block_size, seed=cfg.seed,
-                                                tipa=cfg.tipa, tipa_max=cfg.tipa_max, pin_memory=loader.pin_memory)
+        trainer.train_loader = NumpyBatchLoader(data_dir, "train", cfg.batch_size, cfg.model.block_size, seed=cfg.seed,
+                                                tipa=cfg.model.tipa, tipa_max=cfg.model.tipa_max, pin_memory=loader.pin_memory)
     return trainer
 
 
@@ -115,13 +116,13 @@ def bench_case(data_dir, tmp, name, variant, overrides, args) -> list[dict]:
         trainer = make_trainer(data_dir, Path(tmp) / f"{name}-{impl}", variant, overrides, impl, args)
         ms[impl] = time_steps(trainer, args.warmup, args.steps)
         cfg, device = trainer.cfg, trainer.device
-        tokens_per_s = cfg.batch_size * cfg.block_size / (ms[impl] / 1e3)
+        tokens_per_s = cfg.batch_size * cfg.model.block_size / (ms[impl] / 1e3)
         peak = peak_flops(device)
-        case = {"name": name, "variant": variant, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
-                "block_size": cfg.block_size, "batch_size": cfg.batch_size, "max_memory_gb": args.max_memory_gb}
+        case = {"name": name, "variant": variant, "n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd,
+                "block_size": cfg.model.block_size, "batch_size": cfg.batch_size, "max_memory_gb": args.max_memory_gb}
         rows.append(record("train", impl, case, ms[impl], baseline=impl == "baseline", tokens_per_s=tokens_per_s,
                            peak_mem_gb=peak_memory_gb(device), device=device,
-                           mfu=trainer.raw_model.flops_per_token() * tokens_per_s / peak if peak else None,
+                           mfu=flops_per_token(trainer.cfg.model) * tokens_per_s / peak if peak else None,
                            micro_batch=trainer.micro_batch, checkpoint_layers=trainer.plan.checkpoint_layers,
                            compile_mode=cfg.compile_mode if cfg.compile else None,
                            speedup=ms["baseline"] / ms[impl]))

@@ -1,9 +1,12 @@
-"""Checkpoints, one job: save atomically, find the newest valid one, load it.
+"""Checkpoints: the files (saved atomically, found, loaded without running code) and the policy of a run
+(when to save, best.pt, refusing non-finite weights, shape compatibility, resume and init-from).
 
 A run folder holds `ckpt_<step>.pt` files and `checkpoints.json`, a manifest with each file's size and
 sha256. A file is written under a temporary name, fsynced and renamed before the manifest names it, so
 a crash leaves either the old or the new checkpoint, never a torn one; a latest checkpoint that fails its
-size or hash check is skipped with a warning and the previous one used.
+size or hash check is skipped with a warning and the previous one used. Checkpoints are read with
+`torch.load(weights_only=True)`: tensors, numbers, strings and containers only, so a planted pickle
+cannot run code.
 """
 import hashlib
 import json
@@ -13,15 +16,21 @@ from pathlib import Path
 
 import torch
 
+from charlm.config import Config, ModelConfig
+from charlm.errors import CharlmError
 from charlm.io import atomic_write, atomic_write_text
 
 MANIFEST = "checkpoints.json"
 FORMAT = 1  # bump when the checkpoint layout changes incompatibly
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CharlmError, ValueError):
     """A checkpoint or manifest that cannot be used (unreadable, or from an incompatible version): bad
     input, reported by the command-line tools like any other."""
+
+
+class RunStopped(CharlmError):
+    """The run cannot go on without losing work; the message says why and which checkpoint to resume from."""
 
 
 def _sha256(path: Path) -> str:
@@ -109,7 +118,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, EOFError, ValueError, KeyError, AttributeError, RuntimeError) as e:
         if isinstance(e, torch.OutOfMemoryError) or "CUDA" in str(e):  # the device's problem, not the file's
             raise
@@ -119,3 +128,68 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: checkpoint format {found} is not supported "
                               f"(this charlm reads format {FORMAT})")
     return state
+
+
+def checkpoint_model_config(state: dict, path: Path) -> ModelConfig:
+    """The model shape a loaded checkpoint was saved with."""
+    try:
+        return Config.from_dict(state["config"], source=str(path)).model
+    except KeyError as e:
+        raise CheckpointError(f"{path}: checkpoint has no config") from e
+
+
+def load_compatible(path: Path, model: ModelConfig, map_location="cpu") -> dict:
+    """A checkpoint whose model has `model`'s shape (else a CheckpointError naming each difference) and
+    whose weights are all finite."""
+    state = load_checkpoint(path, map_location)
+    mismatched = model.mismatches(checkpoint_model_config(state, path))
+    if mismatched:
+        raise CheckpointError(f"{path} does not fit this config: " + ", ".join(mismatched))
+    if not all(torch.is_tensor(t) and torch.isfinite(t).all() for t in state["model"].values()):
+        raise CheckpointError(f"{path}: holds non-finite weights (NaN or Inf); resume from an earlier checkpoint")
+    return state
+
+
+def all_finite(module: torch.nn.Module) -> bool:
+    return all(torch.isfinite(p).all() for p in module.parameters())
+
+
+class RunCheckpoints:
+    """A training run's checkpoint policy: what is saved when, what is refused, and where a run restarts."""
+
+    def __init__(self, run_dir: Path, cfg: Config, is_master: bool):
+        self.run_dir, self.cfg, self.is_master = Path(run_dir), cfg, is_master
+        self.interval = cfg.ckpt_interval or cfg.eval_interval
+
+    def due(self, step: int, is_last: bool) -> bool:
+        return step % self.interval == 0 or is_last
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.run_dir)
+
+    def save(self, step: int, model: torch.nn.Module, state: dict) -> None:
+        """Checkpoint `step` (rank 0). Non-finite weights are refused; a failed write (a full disk) stops the
+        run and leaves the previous checkpoint intact."""
+        if not self.is_master:
+            return
+        if not all_finite(model):
+            raise RunStopped(f"refusing to checkpoint non-finite weights at step {step}; "
+                             f"the last good checkpoint is {self.latest()}")
+        try:
+            save_checkpoint(self.run_dir, step, state, keep=self.cfg.keep_checkpoints)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            raise RunStopped(f"could not write a checkpoint of step {step} to {self.run_dir} "
+                             f"({str(e).splitlines()[0]}); the previous one, {self.latest()}, is intact") from e
+
+    def save_best(self, step: int, state: dict, val_bpc: float) -> None:
+        if self.is_master and self.cfg.save_best:
+            save_best(self.run_dir, step, state, val_bpc)
+
+    def load_latest(self, device: torch.device) -> tuple[Path, dict] | None:
+        """The newest intact checkpoint of the run folder and its state, or None when it has none."""
+        path = self.latest()
+        return None if path is None else (path, load_compatible(path, self.cfg.model, device))
+
+    def load_init(self, device: torch.device) -> dict:
+        """The weights of --init-from (fine-tuning): checked like a resumed checkpoint."""
+        return load_compatible(Path(self.cfg.init_from), self.cfg.model, device)["model"]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from charlm.errors import CharlmError
 from charlm.io import atomic_dir, atomic_write_text
 
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
@@ -34,7 +35,7 @@ SPLITS = ("train", "val", "test")
 FORMAT = 1
 
 
-class DataError(ValueError):
+class DataError(CharlmError, ValueError):
     """A source file or dataset folder is not what was expected."""
 
 
@@ -167,6 +168,25 @@ def load_meta(data_dir: Path) -> dict:
             raise DataError(f"{path}: expected {n * itemsize} bytes ({n} tokens), found "
                             f"{'no file' if size is None else size}; prepare it again with `{prepare_command(data_dir)}`")
     return meta
+
+
+def split_tokens(data_dir: Path, split: str, meta: dict) -> np.ndarray:
+    """A split's tokens, memory-mapped read-only (the file must not change while it is mapped)."""
+    return np.memmap(Path(data_dir) / f"{split}.bin", dtype=meta["dtype"], mode="r")
+
+
+def with_dataset(cfg):
+    """A charlm.config.Config with its dataset's vocab size, and the dataset's meta; errors name the
+    preparing command, or the field that does not fit the dataset."""
+    meta = load_meta(cfg.dataset_dir)
+    if cfg.model.vocab_size and cfg.model.vocab_size != meta["vocab_size"]:
+        raise DataError(f"vocab_size {cfg.model.vocab_size} does not match dataset {cfg.dataset_dir} "
+                        f"(vocab {meta['vocab_size']})")
+    for split, n in meta["splits"].items():
+        if split != "test" and n < cfg.model.block_size + 1:
+            raise DataError(f"block_size {cfg.model.block_size} is longer than the {split} split of "
+                            f"{cfg.dataset_dir} ({n} tokens)")
+    return cfg.replace(vocab_size=meta["vocab_size"]), meta
 
 
 def read_categories(data_dir: Path, name: str) -> dict:

@@ -17,24 +17,21 @@ first, with context from the span only) and the result goes to RUN/eval_<method>
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
+from charlm import cli
 from charlm.categorize import category_slug
 from charlm.checkpoint import best_checkpoint, latest_checkpoint, load_checkpoint
 from charlm.config import Config
-from charlm.data import DataError, category_spans, load_meta
+from charlm.data import DataError, category_spans, load_meta, split_tokens
 from charlm.io import atomic_write_text
 from charlm.loss import token_nll
 from charlm.model import GPT
-from charlm.train import Dist, autocast, dataset_dir, init_distributed
-
-LN2 = math.log(2)
+from charlm.runtime import SINGLE_PROCESS, DistContext, all_reduce_sum, autocast, bits_per_char, distributed, resolve_device
 
 
 def load_model(run_dir: Path, device: torch.device, checkpoint: Path | None = None) -> tuple[GPT, Config, int]:
@@ -43,8 +40,8 @@ def load_model(run_dir: Path, device: torch.device, checkpoint: Path | None = No
     if path is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint found (train it first with python -m charlm.train)")
     state = load_checkpoint(path, map_location=device)
-    cfg = Config(**{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__})
-    model = GPT(cfg).to(device)
+    cfg = Config.from_dict(state["config"], source=str(path))
+    model = GPT.from_config(cfg).to(device)
     model.load_state_dict(state["model"])
     return model.eval(), cfg, state["step"]
 
@@ -88,39 +85,37 @@ def _nats(model: GPT, tokens: np.ndarray, windows: list[tuple[int, int]], T: int
     return total, count
 
 
-def _bpc_over_ranks(nats: torch.Tensor, count: int, d: Dist) -> tuple[float, int]:
+def _bpc_over_ranks(nats: torch.Tensor, count: int, ctx: DistContext) -> tuple[float, int]:
     """(BPC, characters scored) from each rank's (nats, count) of its shard, summed over the ranks."""
-    if d.world_size > 1:
-        both = torch.stack([nats, torch.tensor(float(count), dtype=torch.float64, device=nats.device)])
-        dist.all_reduce(both)
-        nats, count = both[0], int(both[1].item())
-    return nats.item() / count / LN2 if count else math.nan, count
+    both = torch.stack([nats, torch.tensor(float(count), dtype=torch.float64, device=nats.device)])
+    nats, count = all_reduce_sum(both, ctx).tolist()
+    return (bits_per_char(nats / count) if count else math.nan), int(count)
 
 
 def split_bpc(model: GPT, tokens: np.ndarray, block_size: int, stride: int, batch_size: int,
-              device: torch.device, amp, desc: str = "", d: Dist = Dist()) -> tuple[float, int]:
+              device: torch.device, amp, desc: str = "", ctx: DistContext = SINGLE_PROCESS) -> tuple[float, int]:
     """(BPC, characters scored) of a token array; the sum of losses is accumulated in float64. Under torchrun
     each rank scores every world_size-th window and the sums are combined."""
-    windows = scoring_windows(len(tokens), block_size, stride)[d.rank::d.world_size]
+    windows = scoring_windows(len(tokens), block_size, stride)[ctx.rank::ctx.world_size]
     with tqdm(total=-(-len(windows) // batch_size), desc=desc, unit="batch", leave=False,
-              disable=not d.master) as bar:
+              disable=not ctx.is_master) as bar:
         nats, count = _nats(model, tokens, windows, min(block_size, len(tokens) - 1), batch_size, device, amp, bar)
-    return _bpc_over_ranks(nats, count, d)
+    return _bpc_over_ranks(nats, count, ctx)
 
 
 def spans_bpc(model: GPT, tokens: np.ndarray, spans: np.ndarray, block_size: int, stride: int, batch_size: int,
-              device: torch.device, amp, desc: str = "", d: Dist = Dist()) -> tuple[float, int]:
+              device: torch.device, amp, desc: str = "", ctx: DistContext = SINGLE_PROCESS) -> tuple[float, int]:
     """(BPC, characters scored) over spans (rows start, length[, ...]) of a token array, each scored as a
     document of its own (its windows as split_bpc makes them); spans of fewer than 2 tokens have nothing to
     score. Under torchrun each rank scores every world_size-th span."""
     nats, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    for start, length in tqdm(spans[d.rank::d.world_size, :2].tolist(), desc=desc, unit="span", disable=not d.master):
+    for start, length in tqdm(spans[ctx.rank::ctx.world_size, :2].tolist(), desc=desc, unit="span", disable=not ctx.is_master):
         if length >= 2:
             span = tokens[start:start + length]
             windows = scoring_windows(length, block_size, stride)
             span_nats, n = _nats(model, span, windows, min(block_size, length - 1), batch_size, device, amp, None)
             nats, count = nats + span_nats, count + n
-    bpc, count = _bpc_over_ranks(nats, count, d)
+    bpc, count = _bpc_over_ranks(nats, count, ctx)
     if count == 0:
         raise ValueError(f"{desc or 'spans'}: no span holds a character to score")
     return bpc, count
@@ -134,35 +129,35 @@ def eval_filename(category: str = "") -> str:
 
 def evaluate(run_dir: Path, stride: int = 0, batch_size: int = 32, device: str = "auto",
              splits: tuple[str, ...] = ("val", "test"), checkpoint: Path | None = None, category: str = "",
-             d: Dist = Dist(), save: bool = True) -> dict:
+             ctx: DistContext = SINGLE_PROCESS, save: bool = True) -> dict:
     """BPC of each split (or of a category's subset of it), returned and, with save, written to the run
     folder (rank 0). Under torchrun the ranks share the windows (every rank must call it) and all return
     the same numbers."""
     run_dir = Path(run_dir)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = resolve_device(device, ctx)
     model, cfg, step = load_model(run_dir, dev, checkpoint)
-    data_dir = dataset_dir(cfg)
+    data_dir = cfg.dataset_dir
     meta = load_meta(data_dir)
-    if meta["vocab_size"] != cfg.vocab_size:
-        raise DataError(f"{data_dir} has vocab {meta['vocab_size']} but the model was trained on {cfg.vocab_size}")
-    stride = stride or cfg.block_size
-    result = {"step": step, "stride": stride, "block_size": cfg.block_size, "dataset": str(data_dir)}
+    if meta["vocab_size"] != cfg.model.vocab_size:
+        raise DataError(f"{data_dir} has vocab {meta['vocab_size']} but the model was trained on {cfg.model.vocab_size}")
+    stride = stride or cfg.model.block_size
+    result = {"step": step, "stride": stride, "block_size": cfg.model.block_size, "dataset": str(data_dir)}
     if category:
         result["category"] = category
     for split in splits:
-        tokens = np.memmap(data_dir / f"{split}.bin", dtype=meta["dtype"], mode="r")
-        args = (cfg.block_size, stride, batch_size, dev, autocast(cfg, dev), split, d)
+        tokens = split_tokens(data_dir, split, meta)
+        args = (cfg.model.block_size, stride, batch_size, dev, autocast(cfg.dtype, dev), split, ctx)
         if category:
             bpc, count = spans_bpc(model, tokens, category_spans(data_dir, category, split), *args)
         else:
             bpc, count = split_bpc(model, tokens, *args)
         result[f"{split}_bpc"], result[f"{split}_chars"] = bpc, count
-    if save and d.master:
+    if save and ctx.is_master:
         atomic_write_text(run_dir / eval_filename(category), json.dumps(result, indent=2) + "\n")
     return result
 
 
-def main(argv=None) -> None:
+def _main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m charlm.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a run folder written by charlm.train")
@@ -173,21 +168,19 @@ def main(argv=None) -> None:
                         help="a checkpoint file, or 'best' for the one with the lowest val estimate (default: the newest)")
     parser.add_argument("--category", default="", help="only this topic subset, as METHOD/NAME (charlm.categorize)")
     args = parser.parse_args(argv)
-    d = init_distributed(args.device)
-    try:
+    with distributed(args.device) as ctx:
         result = evaluate(args.run_dir, args.stride, args.batch_size, args.device, checkpoint=args.checkpoint,
-                          category=args.category, d=d)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    finally:
-        if d.world_size > 1:
-            dist.destroy_process_group()
-    if not d.master:
+                          category=args.category, ctx=ctx)
+    if not ctx.is_master:
         return
     if args.category:
         print(f"on the {args.category} subset of each split:")
     for split in ("val", "test"):
         print(f"{split} bpc {result[f'{split}_bpc']:.4f}")
+
+
+def main(argv=None) -> None:
+    cli.run(lambda: _main(argv))
 
 
 if __name__ == "__main__":

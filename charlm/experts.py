@@ -41,16 +41,17 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from charlm import cli
 from charlm.categorize import category_slug
 from charlm.checkpoint import checkpoint_entry, latest_checkpoint
 from charlm.config import Config, add_config_args, config_from_args
-from charlm.data import DataError, categorisation_sha256, category_spans, read_categories
+from charlm.data import categorisation_sha256, category_spans, read_categories, with_dataset
+from charlm.errors import CharlmError
 from charlm.eval import evaluate
-from charlm.io import atomic_write, atomic_write_text
-from charlm.plots import read_metrics
-from charlm.memory import MemoryPlanError
-from charlm.train import (SHAPE_FIELDS, Dist, RunStopped, attach_dataset, dataset_dir, init_distributed, plan_only,
-                          shape_mismatches, train)
+from charlm.io import atomic_write_text, pyplot, save_figure
+from charlm.runlog import read_metrics
+from charlm.runtime import SINGLE_PROCESS, DistContext, distributed
+from charlm.trainer import plan_only, train
 
 SCHEME_FILE = "scheme.json"
 FORMAT = 1
@@ -58,7 +59,7 @@ FORMAT = 1
 STAGE_FIELDS = ("max_iters", "category", "init_from", "resume")
 
 
-class SchemeError(ValueError):
+class SchemeError(CharlmError, ValueError):
     """The scheme's arguments or folder do not allow it to run."""
 
 
@@ -128,7 +129,7 @@ def pretrained_checkpoint(run_dir: Path, base: Config) -> Path:
     saved = Path(run_dir) / "config.json"
     if path is None or not saved.is_file():
         raise SchemeError(f"--from {run_dir}: not a charlm.train run folder with a checkpoint")
-    mismatched = shape_mismatches(Config.load(saved).to_dict(), base)
+    mismatched = base.model.mismatches(Config.load(saved).model)
     if mismatched:
         raise SchemeError(f"--from {run_dir}: its model does not fit this config ({'; '.join(mismatched)}); "
                           f"pass the --variant, --preset and model flags it was trained with")
@@ -146,7 +147,7 @@ def parse_order(order: str | None, names: list[str]) -> list[str]:
 
 def check_subsets(scheme: Scheme) -> None:
     """Every category to fine-tune on holds a training window and some val text, or the scheme would stop midway."""
-    data_dir, block = dataset_dir(scheme.base), scheme.base.block_size
+    data_dir, block = scheme.base.dataset_dir, scheme.base.model.block_size
     empty = []
     for name in scheme.order:
         train = category_spans(data_dir, f"{scheme.categories}/{name}", "train")
@@ -162,10 +163,10 @@ def build_scheme(args: argparse.Namespace) -> Scheme:
     """The scheme of the command line, every argument checked before any training."""
     cfg = config_from_args(args)
     if args.keep_checkpoints is None:  # a stage needs only its newest: to resume it and to start the next
-        cfg = dataclasses.replace(cfg, keep_checkpoints=1)
+        cfg = cfg.replace(keep_checkpoints=1)
     if args.save_best is None:  # stages are judged by their final checkpoint, which the next one starts from
-        cfg = dataclasses.replace(cfg, save_best=False)
-    cfg, _ = attach_dataset(cfg)  # a missing dataset names the command that prepares it
+        cfg = cfg.replace(save_best=False)
+    cfg, _ = with_dataset(cfg)  # a missing dataset names the command that prepares it
     if args.fine_iters < 1 or args.post_iters < 0:
         raise SchemeError(f"--fine-iters must be >= 1 and --post-iters >= 0, got {args.fine_iters} and "
                           f"{args.post_iters}")
@@ -173,14 +174,14 @@ def build_scheme(args: argparse.Namespace) -> Scheme:
         raise SchemeError("give either --pre-iters (pre-train here) or --from RUN (start from an existing run)")
     if args.pre_iters is not None and args.pre_iters < 1:
         raise SchemeError(f"--pre-iters must be >= 1, got {args.pre_iters}")
-    names = [c["name"] for c in read_categories(dataset_dir(cfg), args.categories)["categories"]]
+    names = [c["name"] for c in read_categories(cfg.dataset_dir, args.categories)["categories"]]
     order = parse_order(args.order, names)
     if not 1 <= args.top_k <= len(order):
         raise SchemeError(f"--top-k must be in 1..{len(order)} (the number of fine-tunes), got {args.top_k}")
     pre_from = args.pre_from.resolve() if args.pre_from else None
     pre_iters = checkpoint_step(pretrained_checkpoint(pre_from, cfg)) if pre_from else args.pre_iters
     out_dir = Path(cfg.out_dir or f"runs/experts-{cfg.run_name}")
-    scheme = Scheme(base=dataclasses.replace(cfg, out_dir=""), out_dir=out_dir,
+    scheme = Scheme(base=cfg.replace(out_dir=""), out_dir=out_dir,
                     categories=args.categories, order=order, pre_iters=pre_iters, fine_iters=args.fine_iters,
                     post_iters=args.post_iters, top_k=args.top_k, pre_from=pre_from)
     check_subsets(scheme)
@@ -194,10 +195,10 @@ def build_scheme(args: argparse.Namespace) -> Scheme:
 def scheme_spec(scheme: Scheme) -> dict:
     """What a re-run must share with the first run for its finished stages to be reused."""
     return {"dataset": scheme.base.dataset, "variant": scheme.base.variant, "categories": scheme.categories,
-            "categories_sha256": categorisation_sha256(dataset_dir(scheme.base), scheme.categories),
+            "categories_sha256": categorisation_sha256(scheme.base.dataset_dir, scheme.categories),
             "order": scheme.order, "pre_iters": scheme.pre_iters, "fine_iters": scheme.fine_iters,
             "post_iters": scheme.post_iters, "from": str(scheme.pre_from) if scheme.pre_from else None,
-            "model": {f: getattr(scheme.base, f) for f in SHAPE_FIELDS}}
+            "model": dataclasses.asdict(scheme.base.model)}
 
 
 def read_state(scheme_dir: Path) -> dict:
@@ -222,12 +223,12 @@ def open_state(scheme: Scheme) -> dict:
     return {**state, "spec": spec, "top_k": scheme.top_k}
 
 
-def save_state(scheme: Scheme, state: dict, d: Dist) -> None:
-    if d.master:
+def save_state(scheme: Scheme, state: dict, ctx: DistContext) -> None:
+    if ctx.is_master:
         atomic_write_text(scheme.out_dir / SCHEME_FILE, json.dumps(state, indent=1) + "\n")
 
 
-def identity(checkpoint: Path) -> str:
+def checkpoint_sha256(checkpoint: Path) -> str:
     """A checkpoint's sha256, from its run's manifest (charlm.checkpoint): retraining a stage to other weights
     changes it; moving or copying the scheme's folder does not."""
     return checkpoint_entry(checkpoint)["sha256"]
@@ -237,7 +238,7 @@ def identity(checkpoint: Path) -> str:
 # Running the scheme
 
 
-def run_stage(scheme: Scheme, state: dict, stage: Stage, init: Path | None, d: Dist) -> Path:
+def run_stage(scheme: Scheme, state: dict, stage: Stage, init: Path | None, ctx: DistContext) -> Path:
     """Train a stage to its end (skipped if done, resumed if interrupted), evaluate and record it.
     Returns its final checkpoint. Under torchrun every rank runs it (training and evaluation are
     data-parallel, so every rank holds the same record); rank 0 writes and prints."""
@@ -246,44 +247,43 @@ def run_stage(scheme: Scheme, state: dict, stage: Stage, init: Path | None, d: D
     record.update(kind=stage.kind, category=stage.category, iters=stage.iters, steps_total=stage.steps_total,
                   dir=str(run_dir) if run_dir == scheme.pre_from else stage.name)
     if init is not None:
-        if latest_checkpoint(run_dir) is not None and record.get("init_from") not in (None, identity(init)):
+        if latest_checkpoint(run_dir) is not None and record.get("init_from") not in (None, checkpoint_sha256(init)):
             raise SchemeError(f"{run_dir} was trained from other weights than those now in {init}, which has been "
                               f"retrained since: delete {run_dir} (and the stages after it) to redo it")
-        record["init_from"] = identity(init)
-    say = print if d.master else (lambda *args, **kwargs: None)
+        record["init_from"] = checkpoint_sha256(init)
     final = final_checkpoint(run_dir, stage.iters)
     if final is None:
-        save_state(scheme, state, d)  # which weights the stage starts from is on disk before it trains
-        say(f"\n=== {stage.name}: {stage.iters} steps" + (f" from {init}" if init else ""), flush=True)
-        train(scheme.stage_config(stage, init), d)
-        if d.world_size > 1:
+        save_state(scheme, state, ctx)  # which weights the stage starts from is on disk before it trains
+        ctx.print(f"\n=== {stage.name}: {stage.iters} steps" + (f" from {init}" if init else ""), flush=True)
+        train(scheme.stage_config(stage, init), ctx)
+        if ctx.distributed:
             dist.barrier()  # rank 0's last checkpoint is on disk for every rank
         final = final_checkpoint(run_dir, stage.iters)
         if final is None:  # stopped by a signal, its checkpoint saved
             raise SchemeError(f"{stage.name} stopped before step {stage.iters}; run the same command again "
                               f"to resume it")
     else:
-        say(f"=== {stage.name}: done ({stage.iters} steps), skipped", flush=True)
-    evaluate_stage(scheme, stage, record, final, d)
-    save_state(scheme, state, d)
+        ctx.print(f"=== {stage.name}: done ({stage.iters} steps), skipped", flush=True)
+    evaluate_stage(scheme, stage, record, final, ctx)
+    save_state(scheme, state, ctx)
     return final
 
 
-def evaluate_stage(scheme: Scheme, stage: Stage, record: dict, checkpoint: Path, d: Dist) -> None:
+def evaluate_stage(scheme: Scheme, stage: Stage, record: dict, checkpoint: Path, ctx: DistContext) -> None:
     """Full-pass val and test BPC of the stage's final checkpoint, and for a fine-tune or a post-train, BPC
     on its category's val subset; kept in the record, and not redone while the checkpoint stays the same."""
-    if record.get("evaluated") == identity(checkpoint):
+    if record.get("evaluated") == checkpoint_sha256(checkpoint):
         return
     run_dir, device = scheme.stage_dir(stage), scheme.base.device
     save = run_dir != scheme.pre_from  # a --from run's own eval.json (another stride, say) stays as it was
-    full = evaluate(run_dir, device=device, checkpoint=checkpoint, d=d, save=save)
+    full = evaluate(run_dir, device=device, checkpoint=checkpoint, ctx=ctx, save=save)
     record.update(val_bpc=full["val_bpc"], test_bpc=full["test_bpc"], subset_val_bpc=None)
     if stage.category:
         subset = evaluate(run_dir, device=device, splits=("val",), checkpoint=checkpoint,
-                          category=f"{scheme.categories}/{stage.category}", d=d, save=save)
+                          category=f"{scheme.categories}/{stage.category}", ctx=ctx, save=save)
         record["subset_val_bpc"] = subset["val_bpc"]
-    record["evaluated"] = identity(checkpoint)
-    if d.master:
+    record["evaluated"] = checkpoint_sha256(checkpoint)
+    if ctx.is_master:
         print(f"=== {stage.name}: val bpc {full['val_bpc']:.4f}, test bpc {full['test_bpc']:.4f}"
               + (f", {stage.category} val subset bpc {record['subset_val_bpc']:.4f}" if stage.category else ""))
 
@@ -294,29 +294,29 @@ def select_experts(scheme: Scheme, state: dict) -> list[Stage]:
     return sorted(fine, key=lambda s: state["stages"][s.name]["val_bpc"])[:scheme.top_k]
 
 
-def run_scheme(scheme: Scheme, d: Dist = Dist()) -> str:
+def run_scheme(scheme: Scheme, ctx: DistContext = SINGLE_PROCESS) -> str:
     """Every stage in order, then the report; returns the report's Markdown (rank 0; "" on other ranks)."""
     state = open_state(scheme)
     scheme.out_dir.mkdir(parents=True, exist_ok=True)
-    pretrained = run_stage(scheme, state, scheme.pre_stage(), None, d)
+    pretrained = run_stage(scheme, state, scheme.pre_stage(), None, ctx)
     finals, previous = {}, pretrained
     for stage in scheme.fine_stages():
-        previous = finals[stage.name] = run_stage(scheme, state, stage, previous, d)
+        previous = finals[stage.name] = run_stage(scheme, state, stage, previous, ctx)
     experts = select_experts(scheme, state)
     state["selected"] = [s.name for s in experts]
-    save_state(scheme, state, d)
+    save_state(scheme, state, ctx)
     if scheme.post_iters > 0:
         for fine in experts:
-            run_stage(scheme, state, scheme.post_stage(fine), finals[fine.name], d)
-    run_stage(scheme, state, scheme.control_stage(), pretrained, d)
-    return write_report(scheme.out_dir) if d.master else ""
+            run_stage(scheme, state, scheme.post_stage(fine), finals[fine.name], ctx)
+    run_stage(scheme, state, scheme.control_stage(), pretrained, ctx)
+    return write_report(scheme.out_dir) if ctx.is_master else ""
 
 
 # --------------------------------------------------------------------------------------------------
 # Report
 
 
-def condition(record: dict, spec: dict) -> str:
+def row_label(record: dict, spec: dict) -> str:
     """A row's name, in the report's words."""
     model = spec["variant"].upper().replace(",", "+")
     if record["kind"] == "fine":
@@ -340,7 +340,7 @@ def format_bpc(value: float | None) -> str:
 
 
 def table_row(record: dict, spec: dict) -> str:
-    cells = [condition(record, spec), str(record["steps_total"]),
+    cells = [row_label(record, spec), str(record["steps_total"]),
              *(format_bpc(record[k]) for k in ("val_bpc", "subset_val_bpc", "test_bpc"))]
     return "| " + " | ".join(cells) + " |"
 
@@ -363,10 +363,7 @@ def report_markdown(scheme_dir: Path, state: dict) -> str:
 def plot_finetune_curves(scheme_dir: Path, state: dict) -> Path | None:
     """finetune_curves.png: train BPC (on each subset) and val BPC estimates (global val) of the fine-tunes,
     against steps from scratch, after the pre-training curve in grey."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     stages = [r for r in state["stages"].values() if r["kind"] in ("pre", "fine")]
     if not any(r["kind"] == "fine" for r in stages):
         return None
@@ -389,10 +386,7 @@ def plot_finetune_curves(scheme_dir: Path, state: dict) -> Path | None:
     ax_val.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle(f"Sequential expert fine-tuning: {scheme_dir}")
     fig.tight_layout()
-    out = Path(scheme_dir) / "finetune_curves.png"
-    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
-    return out
+    return save_figure(fig, Path(scheme_dir) / "finetune_curves.png")
 
 
 def write_report(scheme_dir: Path) -> str:
@@ -426,29 +420,24 @@ def scheme_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _main(argv: list[str]) -> None:
+    if argv[:1] == ["report"]:
+        parser = argparse.ArgumentParser(prog="python -m charlm.experts report",
+                                         description="Write a scheme folder's report.md and finetune_curves.png.")
+        parser.add_argument("scheme_dir", type=Path, help="the scheme's --out-dir")
+        print(write_report(parser.parse_args(argv[1:]).scheme_dir))
+        return
+    scheme = build_scheme(scheme_parser().parse_args(argv))
+    if scheme.base.plan_only:
+        print(plan_only(scheme.base).describe())
+        return
+    with distributed(scheme.base.device) as ctx:
+        report = run_scheme(scheme, ctx)
+    ctx.print(report)
+
+
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if argv[:1] == ["report"]:
-            parser = argparse.ArgumentParser(prog="python -m charlm.experts report",
-                                             description="Write a scheme folder's report.md and finetune_curves.png.")
-            parser.add_argument("scheme_dir", type=Path, help="the scheme's --out-dir")
-            print(write_report(parser.parse_args(argv[1:]).scheme_dir))
-            return
-        scheme = build_scheme(scheme_parser().parse_args(argv))
-        if scheme.base.plan_only:
-            print(plan_only(scheme.base).describe())
-            return
-        d = init_distributed(scheme.base.device)
-        try:
-            report = run_scheme(scheme, d)
-        finally:
-            if d.world_size > 1:
-                dist.destroy_process_group()
-        if d.master:
-            print(report)
-    except (ValueError, DataError, FileNotFoundError, MemoryPlanError, RunStopped) as e:
-        sys.exit(f"error: {e}")
+    cli.run(lambda: _main(sys.argv[1:] if argv is None else list(argv)))
 
 
 if __name__ == "__main__":

@@ -24,12 +24,14 @@ and to be calibrated against torch.cuda.max_memory_allocated on a GPU (the const
 - "GB" is 2**30 bytes throughout, as in nvidia-smi, torch's memory statistics and --max-memory-gb.
 """
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from charlm.config import Config
+from charlm.errors import CharlmError
 from charlm.loss import chunk_rows, uses_chunked_loss
+from charlm.model import parameter_counts
 
 GB = 2**30
 
@@ -41,7 +43,7 @@ CUDA_CONTEXT_BYTES = 1 * GB  # CUDA context, cuBLAS workspaces, loaded kernels: 
 FRAGMENTATION_MARGIN = 0.10  # the caching allocator's slack on top of live tensors
 
 
-class MemoryPlanError(RuntimeError):
+class MemoryPlanError(CharlmError):
     """Raised when no micro-batch and checkpointing choice fits in the memory available."""
 
 
@@ -58,21 +60,9 @@ def activation_bytes(cfg: Config) -> int:
     return 2 if uses_autocast(cfg) else 4
 
 
-def parameter_counts(cfg: Config) -> tuple[int, int]:
-    """(all parameters, those in Linear layers), counted as charlm.model.GPT builds them."""
-    C, V, L = cfg.n_embd, cfg.vocab_size, cfg.n_layer
-    bias = 1 if cfg.bias else 0
-    layer_norm = C + bias * C
-    block_linear = 12 * C * C + bias * (3 * C + C + 4 * C + C)  # c_attn, attn c_proj, c_fc, mlp c_proj
-    head_linear = V * C + ((cfg.tipa_max + 1) * C if cfg.tipa else 0)  # lm_head, tipa_head: no bias
-    embeddings = V * C + (cfg.block_size * C if cfg.pos_embedding == "learned" else 0)
-    linear = L * block_linear + head_linear
-    return embeddings + L * 2 * layer_norm + layer_norm + linear, linear
-
-
 def _attention_bytes_per_token(cfg: Config) -> int:
     """What attention saves beyond q, k, v and its output, per token of one block."""
-    C, H, T, act = cfg.n_embd, cfg.n_head, cfg.block_size, activation_bytes(cfg)
+    C, H, T, act = cfg.model.n_embd, cfg.model.n_head, cfg.model.block_size, activation_bytes(cfg)
     if cfg.attn == "naive":
         # The (B, H, T, T) probabilities: fp32 from the softmax (autocast runs softmax in fp32) and, under
         # autocast, the bf16 cast that probs @ v keeps. (Its q, k, v are copies for the batched matmuls; they
@@ -80,13 +70,13 @@ def _attention_bytes_per_token(cfg: Config) -> int:
         return H * T * (4 + act if uses_autocast(cfg) else 4)
     # Flash (SDPA, Triton): one fp32 log-sum-exp per row and head. RoPE outside the kernel makes rotated
     # copies of q and k (v stays a view); the Triton kernel rotates inside and keeps nothing extra.
-    rotates_outside = cfg.pos_embedding == "rope" and cfg.rope_impl != "fused"
+    rotates_outside = cfg.model.pos_embedding == "rope" and cfg.rope_impl != "fused"
     return 4 * H + (2 * act * C if rotates_outside else 0)
 
 
 def block_bytes_per_token(cfg: Config) -> int:
     """Bytes one transformer block saves for its backward pass, per token."""
-    C = cfg.n_embd
+    C = cfg.model.n_embd
     act = activation_bytes(cfg)
     mask = DROPOUT_MASK_BYTES * C if cfg.dropout > 0 else 0
     layer_norm = 4 * C + 2 * 4  # its input, the fp32 residual stream, and fp32 mean and rstd
@@ -107,9 +97,9 @@ def block_bytes_per_token(cfg: Config) -> int:
 
 def head_bytes_per_token(cfg: Config) -> tuple[int, int]:
     """(saved, loss working set) per token outside the blocks: embedding, final LayerNorm, output heads."""
-    C, V = cfg.n_embd, cfg.vocab_size
+    C, V = cfg.model.n_embd, cfg.model.vocab_size
     act = activation_bytes(cfg)
-    tipa_classes = cfg.tipa_max + 1 if cfg.tipa else 0
+    tipa_classes = cfg.model.tipa_max + 1 if cfg.model.tipa else 0
     # The LM loss keeps lm_head's input (bf16 cast of ln_f's output) and fp32 log-probabilities, or, chunked
     # (charlm.loss), the fp32 gradient of the hidden states it computed in the forward pass.
     lm_loss_saved = 4 * C if uses_chunked_loss(V) else act * C + 4 * V
@@ -118,7 +108,7 @@ def head_bytes_per_token(cfg: Config) -> tuple[int, int]:
         + (DROPOUT_MASK_BYTES * C if cfg.dropout > 0 else 0)  # embedding dropout
         + 4 * C + 2 * 4                        # ln_f: input and mean/rstd
         + lm_loss_saved
-        + (act * C + 4 * tipa_classes + 8 if cfg.tipa else 0)  # the TIPA head: unchunked
+        + (act * C + 4 * tipa_classes + 8 if cfg.model.tipa else 0)  # the TIPA head: unchunked
     )
     # The loss's peak: bf16 logits (or their gradient), the fp32 copy (or its gradient), the log-probs' gradient.
     loss_working_set = (act + 4 + 4) * ((0 if uses_chunked_loss(V) else V) + tipa_classes)
@@ -128,26 +118,26 @@ def head_bytes_per_token(cfg: Config) -> tuple[int, int]:
 def chunked_loss_bytes(cfg: Config, micro_batch: int) -> int:
     """The chunked LM loss's working set: one chunk's fp32 logits (their gradient in place), their cast to
     the matmul dtype, and the fp32 gradient of the head's weight."""
-    V = cfg.vocab_size
+    V = cfg.model.vocab_size
     if not uses_chunked_loss(V):
         return 0
-    logits = min(chunk_rows(V), micro_batch * cfg.block_size) * V
-    return (4 + activation_bytes(cfg)) * logits + 4 * V * cfg.n_embd
+    logits = min(chunk_rows(V), micro_batch * cfg.model.block_size) * V
+    return (4 + activation_bytes(cfg)) * logits + 4 * V * cfg.model.n_embd
 
 
-def memory_breakdown(cfg: Config, micro_batch: int, checkpoint_layers: int, world_size: int = 1) -> dict[str, int]:
+def memory_breakdown(cfg: Config, micro_batch: int, checkpoint_layers: int) -> dict[str, int]:
     """Predicted peak bytes by term; see the module docstring for what each term assumes."""
-    L, k = cfg.n_layer, checkpoint_layers
+    L, k = cfg.model.n_layer, checkpoint_layers
     if not 0 <= k <= L:
         raise ValueError(f"checkpoint_layers must be in 0..n_layer ({L}), got {k}")
-    if cfg.vocab_size <= 0:
+    if cfg.model.vocab_size <= 0:
         raise ValueError("vocab_size must be set to plan memory (it comes from the dataset's meta.json)")
-    params, linear_params = parameter_counts(cfg)
+    params, linear_params = parameter_counts(cfg.model)
     block = block_bytes_per_token(cfg)
     head, loss_working_set = head_bytes_per_token(cfg)
     per_token = (
         (L - k) * block                    # blocks that keep all their activations
-        + k * 4 * cfg.n_embd               # checkpointed blocks keep only their fp32 input
+        + k * 4 * cfg.model.n_embd        # checkpointed blocks keep only their fp32 input
         + head
         # The backward pass's working set: the loss's gradients, or one block's gradients, or the
         # activations of the checkpointed block being recomputed, whichever is largest.
@@ -156,7 +146,7 @@ def memory_breakdown(cfg: Config, micro_batch: int, checkpoint_layers: int, worl
     terms = {
         "model_state": MODEL_STATE_BYTES_PER_PARAM * params,
         "weight_casts": WEIGHT_CAST_BYTES_PER_PARAM * linear_params if uses_autocast(cfg) else 0,
-        "activations": micro_batch * cfg.block_size * per_token,
+        "activations": micro_batch * cfg.model.block_size * per_token,
         "loss_chunk": chunked_loss_bytes(cfg, micro_batch),
     }
     terms["fragmentation"] = int(FRAGMENTATION_MARGIN * sum(terms.values()))
@@ -164,9 +154,9 @@ def memory_breakdown(cfg: Config, micro_batch: int, checkpoint_layers: int, worl
     return terms
 
 
-def estimate_peak_bytes(cfg: Config, micro_batch: int, checkpoint_layers: int, world_size: int = 1) -> int:
+def estimate_peak_bytes(cfg: Config, micro_batch: int, checkpoint_layers: int) -> int:
     """Predicted peak GPU memory of one rank's training step, in bytes."""
-    return sum(memory_breakdown(cfg, micro_batch, checkpoint_layers, world_size).values())
+    return sum(memory_breakdown(cfg, micro_batch, checkpoint_layers).values())
 
 
 # --- the plan ----------------------------------------------------------------------------------------
@@ -210,7 +200,7 @@ def _candidates(cfg: Config, local_batch: int) -> list[tuple[int, int]]:
     micro_batches = [cfg.micro_batch_size] if cfg.micro_batch_size > 0 else divisors
     if cfg.checkpoint_layers >= 0:
         return [(m, cfg.checkpoint_layers) for m in micro_batches]
-    return [(m, 0) for m in micro_batches] + [(micro_batches[-1], k) for k in range(1, cfg.n_layer + 1)]
+    return [(m, 0) for m in micro_batches] + [(micro_batches[-1], k) for k in range(1, cfg.model.n_layer + 1)]
 
 
 def plan_memory(cfg: Config, capacity_bytes: int, world_size: int = 1) -> MemoryPlan:
@@ -220,24 +210,24 @@ def plan_memory(cfg: Config, capacity_bytes: int, world_size: int = 1) -> Memory
     local_batch = _per_rank_batch(cfg, world_size)
     candidates = _candidates(cfg, local_batch)
     for micro_batch, layers in candidates:
-        breakdown = memory_breakdown(cfg, micro_batch, layers, world_size)
+        breakdown = memory_breakdown(cfg, micro_batch, layers)
         peak = sum(breakdown.values())
         if peak <= capacity_bytes:
             return MemoryPlan(micro_batch, local_batch // micro_batch, layers, peak, capacity_bytes,
-                              world_size, cfg.n_layer, breakdown)
+                              world_size, cfg.model.n_layer, breakdown)
     raise _does_not_fit(cfg, capacity_bytes, world_size, *candidates[-1])
 
 
 def _does_not_fit(cfg: Config, capacity_bytes: int, world_size: int, micro_batch: int, layers: int) -> MemoryPlanError:
     """The error for a config whose most frugal allowed choice still does not fit, naming what would."""
-    breakdown = memory_breakdown(cfg, micro_batch, layers, world_size)
+    breakdown = memory_breakdown(cfg, micro_batch, layers)
     terms = ", ".join(f"{name.replace('_', ' ')} {size / GB:.2f}" for name, size in breakdown.items() if size)
-    message = (f"n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, block_size {cfg.block_size} does not fit in "
-               f"{capacity_bytes / GB:.1f} GB per GPU: micro-batch {micro_batch} with {layers} of {cfg.n_layer} "
+    message = (f"n_layer {cfg.model.n_layer}, n_embd {cfg.model.n_embd}, block_size {cfg.model.block_size} does not fit in "
+               f"{capacity_bytes / GB:.1f} GB per GPU: micro-batch {micro_batch} with {layers} of {cfg.model.n_layer} "
                f"layers checkpointed needs a predicted {sum(breakdown.values()) / GB:.1f} GB ({terms} GB).")
     if cfg.micro_batch_size > 0 or cfg.checkpoint_layers >= 0:  # was it the user's choice that did not fit?
         try:
-            plan = plan_memory(replace(cfg, micro_batch_size=0, checkpoint_layers=-1), capacity_bytes, world_size)
+            plan = plan_memory(cfg.replace(micro_batch_size=0, checkpoint_layers=-1), capacity_bytes, world_size)
             return MemoryPlanError(f"{message} --micro-batch-size {plan.micro_batch_size} --checkpoint-layers "
                                    f"{plan.checkpoint_layers} would fit ({plan.predicted_peak_bytes / GB:.1f} GB); "
                                    f"or leave both unset and the planner chooses.")

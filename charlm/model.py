@@ -8,13 +8,14 @@ Attention and RoPE implementations are switchable (`attn`, `rope_impl`) so the T
 charlm.kernels plug in without touching the model.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from charlm.config import Config
+from charlm.config import Config, ModelConfig
 from charlm.kernels.flash_attn import attention_reference, flash_attn
 from charlm.kernels.rope import apply_rope, rope_reference
 from charlm.loss import linear_cross_entropy, uses_chunked_loss
@@ -47,22 +48,64 @@ def pick_impls(cfg: Config, device: torch.device | None = None) -> tuple[str, st
     if cfg.rope_impl != "auto":
         return attn, cfg.rope_impl
     on_cuda = device is not None and device.type == "cuda"
-    fusable = attn == "triton" and cfg.head_dim >= 32  # the kernel's fused RoPE needs D >= 32
+    fusable = attn == "triton" and cfg.model.head_dim >= 32  # the kernel's fused RoPE needs D >= 32
     return attn, "fused" if fusable else "triton" if on_cuda else "torch"
 
 
+@dataclass(frozen=True)
+class Options:
+    """How the model computes, beside its shape: none of these changes a parameter."""
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    attn: str = "sdpa"  # resolved: sdpa | triton | naive
+    rope_impl: str = "torch"  # resolved: torch | triton | fused
+    checkpoint_layers: int = 0  # the first blocks recompute their activations in the backward pass
+
+    @classmethod
+    def of(cls, cfg: Config, device: torch.device | None = None, checkpoint_layers: int = 0) -> "Options":
+        attn, rope = pick_impls(cfg, device)
+        return cls(cfg.dropout, cfg.rope_theta, attn, rope, max(checkpoint_layers, 0))
+
+
+def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(all parameters, those in Linear layers) of GPT(cfg), counted without building it."""
+    C, V, L = cfg.n_embd, cfg.vocab_size, cfg.n_layer
+    bias = 1 if cfg.bias else 0
+    layer_norm = C + bias * C
+    block_linear = 12 * C * C + bias * (3 * C + C + 4 * C + C)  # c_attn, attn c_proj, c_fc, mlp c_proj
+    head_linear = V * C + ((cfg.tipa_max + 1) * C if cfg.tipa else 0)  # lm_head, tipa_head: no bias
+    linear = L * block_linear + head_linear
+    return V * C + position_parameters(cfg) + L * 2 * layer_norm + layer_norm + linear, linear
+
+
+def position_parameters(cfg: ModelConfig) -> int:
+    """The learned position table's size (nanoGPT leaves it out of the count it reports)."""
+    return cfg.block_size * cfg.n_embd if cfg.pos_embedding == "learned" else 0
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs per token: 6 (N - V C) for the matmuls of the weights (the token embedding is a
+    lookup, not a matmul; the LM head is not tied to it and counts; positions are a lookup too) plus
+    6 * L * T * C for causal attention.
+
+    Attention scores and values cost 2 * 2 * T * C per token and layer forward for full attention;
+    causal masking halves it, and backward is twice forward: 3 * 2 * T * C * L = 6 * L * T * C.
+    """
+    matmul_params = parameter_counts(cfg)[0] - position_parameters(cfg) - cfg.vocab_size * cfg.n_embd
+    return 6 * matmul_params + 6 * cfg.n_layer * cfg.block_size * cfg.n_embd
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: ModelConfig, opts: Options):
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.rope_theta = cfg.rope_theta if cfg.pos_embedding == "rope" else None
-        attn, rope = pick_impls(cfg)
+        self.resid_dropout = nn.Dropout(opts.dropout)
+        self.rope_theta = opts.rope_theta if cfg.pos_embedding == "rope" else None
         # fused: the Triton attention kernel rotates q and k as it loads them, with no RoPE pass of its own.
-        self.fused_rope = rope == "fused" and self.rope_theta is not None
-        self.attend, self.rotate = ATTENTION[attn], ROPE.get(rope)
+        self.fused_rope = opts.rope_impl == "fused" and self.rope_theta is not None
+        self.attend, self.rotate = ATTENTION[opts.attn], ROPE.get(opts.rope_impl)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -77,23 +120,23 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: ModelConfig, opts: Options):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(opts.dropout)
 
     def forward(self, x):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: ModelConfig, opts: Options):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, opts)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, opts)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -101,23 +144,30 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: ModelConfig, opts: Options = Options()):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("GPT: vocab_size must be set (it comes from the dataset's meta.json)")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_embedding == "learned" else None
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.drop = nn.Dropout(opts.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, opts) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.tipa_head = nn.Linear(cfg.n_embd, cfg.tipa_max + 1, bias=False) if cfg.tipa else None
-        self.checkpoint_layers = max(cfg.checkpoint_layers, 0)
+        self.checkpoint_layers = opts.checkpoint_layers
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @classmethod
+    def from_config(cls, cfg: Config, device: torch.device | None = None, checkpoint_layers: int | None = None) -> "GPT":
+        """The model of a run's config, with its implementation choices resolved for `device` (and
+        cfg.checkpoint_layers unless the memory plan's number is given)."""
+        layers = cfg.checkpoint_layers if checkpoint_layers is None else checkpoint_layers
+        return cls(cfg.model, Options.of(cfg, device, layers))
 
     @staticmethod
     def _init_weights(module):
@@ -180,17 +230,6 @@ class GPT(nn.Module):
         ]
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                                  fused=True)
-
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token: 6 (N - V C) for the matmuls of the weights (the token embedding is a
-        lookup, not a matmul; the LM head is not tied to it and counts) plus 6 * L * T * C for causal attention.
-
-        Attention scores and values cost 2 * 2 * T * C per token and layer forward for full attention;
-        causal masking halves it, and backward is twice forward: 3 * 2 * T * C * L = 6 * L * T * C.
-        """
-        cfg = self.cfg
-        matmul_params = self.num_params() - self.wte.weight.numel()
-        return 6 * matmul_params + 6 * cfg.n_layer * cfg.block_size * cfg.n_embd
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):

@@ -3,14 +3,14 @@
     python -m charlm.sample runs/NAME --prompt "The history of " --max-new-tokens 500
 """
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from charlm.data import DataError, decode_tokens, encode_text, load_meta
+from charlm import cli
+from charlm.data import decode_tokens, encode_text, load_meta
 from charlm.eval import load_model
-from charlm.train import autocast, dataset_dir
+from charlm.runtime import autocast, resolve_device
 
 
 def sample(run_dir: Path, prompt: str, max_new_tokens: int = 500, temperature: float = 0.8,
@@ -18,18 +18,18 @@ def sample(run_dir: Path, prompt: str, max_new_tokens: int = 500, temperature: f
     if max_new_tokens < 0 or num_samples < 1 or (top_k is not None and top_k < 1) or not temperature > 0:
         raise ValueError(f"sample: max_new_tokens must be >= 0 ({max_new_tokens}), num_samples >= 1 "
                          f"({num_samples}), top_k >= 1 or unset ({top_k}) and temperature > 0 ({temperature})")
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = resolve_device(device)
     model, cfg, _ = load_model(Path(run_dir), dev)
-    meta = load_meta(dataset_dir(cfg))
+    meta = load_meta(cfg.dataset_dir)
     ids = encode_text(prompt, meta) or [0]
     torch.manual_seed(seed)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
-    with autocast(cfg, dev):
+    with autocast(cfg.dtype, dev):
         out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
     return [decode_tokens(row.cpu().numpy(), meta) for row in out]
 
 
-def main(argv=None) -> None:
+def _main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m charlm.sample", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
@@ -41,14 +41,15 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    try:
-        texts = sample(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                       args.num_samples, args.seed, args.device)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    texts = sample(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                   args.num_samples, args.seed, args.device)
     for text in texts:
         print(text)
         print("-" * 40)
+
+
+def main(argv=None) -> None:
+    cli.run(lambda: _main(argv))
 
 
 if __name__ == "__main__":

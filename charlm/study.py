@@ -66,10 +66,13 @@ from charlm.config import Config, add_config_args, resolve
 from charlm.data import DataError, load_meta, prepare_command, read_categories
 from charlm.eval import evaluate
 from charlm.io import atomic_write, atomic_write_text
-from charlm.model import GPT
-from charlm.plots import read_metrics
+from charlm.model import flops_per_token, parameter_counts, position_parameters
+from charlm.runlog import read_metrics
 from charlm.memory import MemoryPlanError
-from charlm.train import Dist, RunStopped, attach_dataset, dataset_dir, init_distributed, train
+from charlm.checkpoint import RunStopped
+from charlm.data import with_dataset
+from charlm.runtime import DistContext, init_distributed
+from charlm.trainer import train
 
 REFERENCE = "base"  # the condition differences are measured from, when it is run
 # GPT.flops_per_token's formula, kept in study.json: a study planned with another count of FLOPs (older
@@ -120,7 +123,7 @@ class Condition:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.cfg.batch_size * self.cfg.block_size
+        return self.cfg.batch_size * self.cfg.model.block_size
 
     @property
     def tokens(self) -> int:
@@ -149,10 +152,8 @@ def cost_per_step(unit: str, flops_per_token: float, tokens_per_step: int) -> fl
 
 
 def model_size(cfg: Config) -> tuple[int, float]:
-    """(parameters, training FLOPs per token) of a config, from a model built on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = GPT(cfg)
-    return model.num_params(), model.flops_per_token()
+    """(parameters less the position table, as nanoGPT counts them; training FLOPs per token)."""
+    return parameter_counts(cfg.model)[0] - position_parameters(cfg.model), flops_per_token(cfg.model)
 
 
 def plan_condition(name: str, budget: float, unit: str, preset: str, overrides: dict,
@@ -162,9 +163,9 @@ def plan_condition(name: str, budget: float, unit: str, preset: str, overrides: 
         cfg = resolve(name.removeprefix(EXPERTS_PREFIX).replace("+", ","), preset, **overrides)
     except ValueError as e:
         raise StudyError(f"condition {name!r}: {e}") from e
-    cfg, _ = attach_dataset(cfg)
+    cfg, _ = with_dataset(cfg)
     params, flops_per_token = model_size(cfg)
-    per_step = cost_per_step(unit, flops_per_token, cfg.batch_size * cfg.block_size)
+    per_step = cost_per_step(unit, flops_per_token, cfg.batch_size * cfg.model.block_size)
     steps = math.floor(budget / per_step)  # rounded down: no run exceeds the budget
     if steps < 1:
         hint = " or use --budget-unit tokens" if unit == "flops" else ""
@@ -188,7 +189,7 @@ def plan_scheme(name: str, cfg: Config, steps: int, categories: str, order: str 
                 split: tuple[float, float, float]) -> SchemePlan:
     """Split a run's steps between the scheme's stages; the categorisation and its subsets are checked here."""
     experts = experts_module(name)
-    names = [c["name"] for c in read_categories(dataset_dir(cfg), categories)["categories"]]
+    names = [c["name"] for c in read_categories(cfg.dataset_dir, categories)["categories"]]
     order = experts.parse_order(order, names)
     pre_share, fine_share, post_share = split
     plan = SchemePlan(categories, tuple(order), math.floor(steps * pre_share),
@@ -202,7 +203,7 @@ def plan_scheme(name: str, cfg: Config, steps: int, categories: str, order: str 
 
 def expert_scheme(experts, cfg: Config, plan: SchemePlan, out_dir: Path):
     """charlm.experts' Scheme of one run; top_k = 1: the study reports one model per run."""
-    return experts.Scheme(base=dataclasses.replace(cfg, out_dir=""), out_dir=Path(out_dir),
+    return experts.Scheme(base=cfg.replace(out_dir=""), out_dir=Path(out_dir),
                           categories=plan.categories, order=list(plan.order), pre_iters=plan.pre_iters,
                           fine_iters=plan.fine_iters, post_iters=plan.post_iters, top_k=1)
 
@@ -267,7 +268,7 @@ def run_dir(out_dir: Path, condition: str, seed: int) -> Path:
 
 def run_config(c: Condition, seed: int, out_dir: Path) -> Config:
     """The charlm.train config of one run; resume=True starts it fresh or continues an interrupted one."""
-    return dataclasses.replace(c.cfg, seed=seed, max_iters=c.steps, resume=True,
+    return c.cfg.replace(seed=seed, max_iters=c.steps, resume=True,
                                out_dir=str(run_dir(out_dir, c.name, seed)))
 
 
@@ -283,30 +284,30 @@ def new_record(c: Condition, seed: int, **result) -> dict:
             "tokens_per_step": c.tokens_per_step, "steps": c.steps, "tokens": c.tokens, "flops": c.flops, **result}
 
 
-def train_and_evaluate(c: Condition, seed: int, out_dir: Path, d: Dist, eval_batch_size: int) -> dict | None:
+def train_and_evaluate(c: Condition, seed: int, out_dir: Path, d: DistContext, eval_batch_size: int) -> dict | None:
     """Train one run to its step count (or finish it) and evaluate it (data-parallel under torchrun);
     returns its record (None off rank 0)."""
     run = run_dir(out_dir, c.name, seed)
     trainer = train(run_config(c, seed, out_dir), d)  # a finished run returns at once
     if trainer.step < c.steps:  # stopped by a signal; its checkpoint is saved
         raise StudyError(f"{run} stopped at step {trainer.step} of {c.steps}; run the same command again to resume")
-    if d.world_size > 1:
+    if d.distributed:
         dist.barrier()  # rank 0's checkpoints are on disk for every rank
     checkpoint, selection = selected_checkpoint(run)
-    result = evaluate(run, batch_size=eval_batch_size, device=c.cfg.device, checkpoint=checkpoint, d=d)
+    result = evaluate(run, batch_size=eval_batch_size, device=c.cfg.device, checkpoint=checkpoint, ctx=d)
     if selection == "final" and result["step"] != c.steps:
         raise StudyError(f"{run}: the newest checkpoint is at step {result['step']}, not {c.steps}")
     record = None
-    if d.master:
+    if d.is_master:
         record = new_record(c, seed, checkpoint_step=result["step"], selection=selection,
                             val_bpc=result["val_bpc"], test_bpc=result["test_bpc"], curve=[[".", 0]])
         atomic_write_text(run / "result.json", json.dumps(record, indent=2) + "\n")  # marks the run done
-    if d.world_size > 1:
+    if d.distributed:
         dist.barrier()
     return record
 
 
-def run_experts_condition(c: Condition, seed: int, out_dir: Path, d: Dist) -> dict | None:
+def run_experts_condition(c: Condition, seed: int, out_dir: Path, d: DistContext) -> dict | None:
     """An experts:VARIANT run: charlm.experts' scheme in the run folder (it skips and resumes its own stages).
     Returns its record (None off rank 0).
 
@@ -315,9 +316,9 @@ def run_experts_condition(c: Condition, seed: int, out_dir: Path, d: Dist) -> di
     """
     experts = experts_module(c.name)
     run = run_dir(out_dir, c.name, seed)
-    scheme = expert_scheme(experts, dataclasses.replace(c.cfg, seed=seed), c.scheme, run)
+    scheme = expert_scheme(experts, c.cfg.replace(seed=seed), c.scheme, run)
     experts.run_scheme(scheme, d)
-    if not d.master:
+    if not d.is_master:
         dist.barrier()  # until rank 0 has written result.json
         return None
     state = experts.read_state(run)
@@ -332,7 +333,7 @@ def run_experts_condition(c: Condition, seed: int, out_dir: Path, d: Dist) -> di
                         val_bpc=final["val_bpc"], test_bpc=final["test_bpc"],
                         curve=[[stage.name, stage.steps_total - stage.iters] for stage in lineage])
     atomic_write_text(run / "result.json", json.dumps(record, indent=2) + "\n")
-    if d.world_size > 1:
+    if d.distributed:
         dist.barrier()
     return record
 
@@ -342,9 +343,9 @@ def read_record(out_dir: Path, condition: str, seed: int) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def run_all(conditions: list[Condition], seeds: list[int], out_dir: Path, d: Dist, eval_batch_size: int) -> list[dict]:
+def run_all(conditions: list[Condition], seeds: list[int], out_dir: Path, d: DistContext, eval_batch_size: int) -> list[dict]:
     """Every (condition, seed) in order, skipping done runs; prints progress and a time estimate."""
-    say = print if d.master else (lambda *args: None)
+    say = print if d.is_master else (lambda *args: None)
     todo = [(c, s) for c in conditions for s in seeds]
     records, durations = [], []
     for i, (c, seed) in enumerate(todo, 1):
@@ -678,18 +679,18 @@ def run_study(args: argparse.Namespace, conditions: list[Condition], settings: d
     names, seeds = [c.name for c in conditions], list(range(args.seeds))
     only = parse_only(args.only, names, seeds)
     d = init_distributed(conditions[0].cfg.device)
-    if d.master:
+    if d.is_master:
         check_study_settings(args.out_dir, settings)
         print(describe_plan(conditions, args.budget, args.budget_unit))
     if only:
         for c in conditions:
             if chosen := [s for n, s in only if n == c.name]:
                 run_all([c], chosen, args.out_dir, d, args.eval_batch_size)
-        if d.master:
+        if d.is_master:
             print("run the same command without --only to collect the table once every run is done")
         return
     records = run_all(conditions, seeds, args.out_dir, d, args.eval_batch_size)
-    if d.master:
+    if d.is_master:
         reference = REFERENCE if REFERENCE in names else names[0]
         table = write_results(records, reference, {"name": args.out_dir.name, **settings}, args.out_dir, command)
         print(f"\n{table}\n\nwrote {args.out_dir / 'results.md'} and {args.out_dir / 'results.png'}")

@@ -14,23 +14,23 @@ def parse(argv):
 
 def test_variants_match_the_report():
     base, deep = resolve("base"), resolve("deep")
-    assert (base.n_layer, base.n_head, base.n_embd, base.block_size, base.dropout) == (16, 8, 512, 256, 0.1)
-    assert (deep.n_layer, deep.block_size) == (32, 512)
-    assert resolve("rope").pos_embedding == "rope" and resolve("rope").rope_theta == 10000.0
+    assert (base.model.n_layer, base.model.n_head, base.model.n_embd, base.model.block_size, base.dropout) == (16, 8, 512, 256, 0.1)
+    assert (deep.model.n_layer, deep.model.block_size) == (32, 512)
+    assert resolve("rope").model.pos_embedding == "rope" and resolve("rope").rope_theta == 10000.0
     tipa = resolve("tipa")
-    assert tipa.tipa and (tipa.tipa_lambda, tipa.tipa_max, tipa.tipa_scope) == (0.1, 16, "word")
+    assert tipa.model.tipa and (tipa.tipa_lambda, tipa.model.tipa_max, tipa.tipa_scope) == (0.1, 16, "word")
 
 
 def test_variants_combine_and_preset_then_flags_win():
     cfg = resolve("deep,rope,tipa", "tiny", n_embd=128)
-    assert cfg.pos_embedding == "rope" and cfg.tipa
-    assert cfg.n_layer == PRESETS["tiny"]["n_layer"] and cfg.n_embd == 128
+    assert cfg.model.pos_embedding == "rope" and cfg.model.tipa
+    assert cfg.model.n_layer == PRESETS["tiny"]["n_layer"] and cfg.model.n_embd == 128
 
 
 def test_every_field_is_a_flag():
     cfg = parse(["--variant", "deep", "--n-embd", "768", "--n-head", "12", "--no-compile", "--max-iters", "7",
                  "--learning-rate", "1e-3", "--attn", "naive"])
-    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.compile, cfg.max_iters) == (32, 768, 12, False, 7)
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, cfg.compile, cfg.max_iters) == (32, 768, 12, False, 7)
     assert cfg.learning_rate == 1e-3 and cfg.attn == "naive"
     assert parse([]).compile is None  # unset flags keep the defaults
 

@@ -106,13 +106,14 @@ def _rank_of_two(rank: int, steps: list[int], signalled: list[bool], tiny_datase
     """One rank of a 2-process gloo group: a trainer at steps[rank], signalled or not; writes what the
     ranks' agreements told it."""
     from charlm.config import resolve
-    from charlm.train import Dist, Trainer
+    from charlm.runtime import DistContext
+    from charlm.trainer import Trainer
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=rank, world_size=2)
     root, name = tiny_dataset
     cfg = resolve("base", "tiny", dataset=name, data_root=str(root), out_dir=str(tmp_path / "run"), device="cpu",
                   compile=False, batch_size=8)
-    trainer = Trainer(cfg, Dist(rank, rank, 2), quiet=True)
+    trainer = Trainer(cfg, DistContext(rank, rank, 2), quiet=True)
     trainer.step = steps[rank]
     trainer.stop_signal = 15 if signalled[rank] else None
     try:

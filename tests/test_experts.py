@@ -12,7 +12,7 @@ from charlm.categorize import categorize
 from charlm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from charlm.data import prepare
 from charlm.eval import load_model, spans_bpc, split_bpc
-from charlm.train import Trainer
+from charlm.trainer import Trainer
 from corpora import make_topic_corpus
 
 pytestmark = pytest.mark.integration
@@ -195,7 +195,7 @@ def test_a_redone_categorisation_is_refused(finished, dataset, monkeypatch):
 def test_subset_bpc_scores_each_span_as_a_document_of_its_own(finished, dataset):
     model, cfg, _ = load_model(finished / "pre", torch.device("cpu"))
     tokens = np.fromfile(dataset[0] / dataset[1] / "val.bin", dtype=np.uint8)
-    args = (cfg.block_size, cfg.block_size, 16, torch.device("cpu"), contextlib.nullcontext())
+    args = (cfg.model.block_size, cfg.model.block_size, 16, torch.device("cpu"), contextlib.nullcontext())
     whole = split_bpc(model, tokens, *args)
     assert spans_bpc(model, tokens, np.array([[0, len(tokens), 0]]), *args) == pytest.approx(whole)
     a, b = split_bpc(model, tokens[:500], *args), split_bpc(model, tokens[500:1500], *args)

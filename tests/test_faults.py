@@ -14,7 +14,9 @@ from charlm.checkpoint import latest_checkpoint, load_checkpoint
 from charlm.config import resolve
 from charlm.data import prepare
 from charlm.eval import main as eval_main
-from charlm.train import RunStopped, Trainer, main as train_main, train
+from charlm.checkpoint import RunStopped
+from charlm.train import main as train_main
+from charlm.trainer import Trainer, train
 
 pytestmark = pytest.mark.integration
 

@@ -91,18 +91,18 @@ def test_model_chunks_large_vocabularies_only(monkeypatch):
     full-logits path."""
     cfg = resolve("base", n_layer=1, n_head=2, n_embd=16, block_size=12, vocab_size=2000, dropout=0.0)
     torch.manual_seed(0)
-    model = GPT(cfg)
-    idx, targets = torch.randint(0, cfg.vocab_size, (2, 3, cfg.block_size))
+    model = GPT.from_config(cfg)
+    idx, targets = torch.randint(0, cfg.model.vocab_size, (2, 3, cfg.model.block_size))
 
     def loss_and_grads():
         logits, lm_loss, _ = model(idx, targets)
         return logits, lm_loss, torch.autograd.grad(lm_loss, list(model.parameters()))
 
     logits, chunked, chunked_grads = loss_and_grads()
-    assert logits is None and loss_mod.uses_chunked_loss(cfg.vocab_size)
+    assert logits is None and loss_mod.uses_chunked_loss(cfg.model.vocab_size)
     monkeypatch.setattr("charlm.model.uses_chunked_loss", lambda vocab_size: False)
     logits, full, full_grads = loss_and_grads()
-    assert logits.shape == (3, cfg.block_size, cfg.vocab_size)
+    assert logits.shape == (3, cfg.model.block_size, cfg.model.vocab_size)
     torch.testing.assert_close(chunked, full)
     for c, f in zip(chunked_grads, full_grads):
         torch.testing.assert_close(c, f)

@@ -11,8 +11,8 @@ from torch.utils._pytree import tree_flatten
 from charlm.config import resolve
 from charlm.memory import (DROPOUT_MASK_BYTES, GB, MemoryPlan, MemoryPlanError, block_bytes_per_token,
                            cap_process_memory, device_capacity_bytes, estimate_peak_bytes, format_oom,
-                           head_bytes_per_token, memory_breakdown, parameter_counts, plan_memory, uses_autocast)
-from charlm.model import GPT
+                           head_bytes_per_token, memory_breakdown, plan_memory, uses_autocast)
+from charlm.model import GPT, parameter_counts
 
 DEEP = resolve("deep", vocab_size=256, attn="sdpa")  # 32 layers, width 512, context 512, global batch 64
 SMALL = dict(n_layer=2, n_head=4, n_embd=64, block_size=16, vocab_size=256, dropout=0.0)
@@ -24,16 +24,16 @@ SMALL = dict(n_layer=2, n_head=4, n_embd=64, block_size=16, vocab_size=256, drop
 @pytest.mark.parametrize("overrides", [{}, {"bias": False}, {"pos_embedding": "rope", "tipa": True}])
 def test_parameter_counts_match_the_gpt(overrides):
     cfg = resolve("base", **SMALL | overrides)
-    model = GPT(cfg)
+    model = GPT.from_config(cfg)
     linear = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
-    assert parameter_counts(cfg) == (sum(p.numel() for p in model.parameters()), linear)
+    assert parameter_counts(cfg.model) == (sum(p.numel() for p in model.parameters()), linear)
     assert memory_breakdown(cfg, 1, 0)["model_state"] == 16 * sum(p.numel() for p in model.parameters())
 
 
 def saved_bytes(cfg, batch: int) -> int:
     """Bytes of the distinct non-parameter storages autograd saves in one training forward pass on the CPU."""
     torch.manual_seed(0)
-    model = GPT(cfg).train()
+    model = GPT.from_config(cfg).train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
 
@@ -43,8 +43,8 @@ def saved_bytes(cfg, batch: int) -> int:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    idx, targets = torch.randint(0, cfg.vocab_size, (2, batch, cfg.block_size))
-    tipa_targets = torch.randint(0, cfg.tipa_max + 1, idx.shape) if cfg.tipa else None
+    idx, targets = torch.randint(0, cfg.model.vocab_size, (2, batch, cfg.model.block_size))
+    tipa_targets = torch.randint(0, cfg.model.tipa_max + 1, idx.shape) if cfg.model.tipa else None
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=uses_autocast(cfg))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         model(idx, targets, tipa_targets)
@@ -54,12 +54,12 @@ def saved_bytes(cfg, batch: int) -> int:
 def cpu_minus_cuda_bytes_per_token(cfg) -> int:
     """What the CPU saves per token beyond what the model (of CUDA) predicts."""
     act = 2 if uses_autocast(cfg) else 4
-    full_blocks = cfg.n_layer - max(cfg.checkpoint_layers, 0)
+    full_blocks = cfg.model.n_layer - max(cfg.checkpoint_layers, 0)
     extra = 0
     if cfg.dropout > 0:  # CPU dropout keeps its mask in the input's dtype (fp32 after the embedding), CUDA a byte
-        extra += (2 * full_blocks * (act - DROPOUT_MASK_BYTES) + (4 - DROPOUT_MASK_BYTES)) * cfg.n_embd
+        extra += (2 * full_blocks * (act - DROPOUT_MASK_BYTES) + (4 - DROPOUT_MASK_BYTES)) * cfg.model.n_embd
     if cfg.attn == "naive" and uses_autocast(cfg):  # CPU autocast runs softmax in bf16: no fp32 probabilities
-        extra -= 4 * cfg.n_head * cfg.block_size * full_blocks
+        extra -= 4 * cfg.model.n_head * cfg.model.block_size * full_blocks
     return extra
 
 
@@ -81,9 +81,9 @@ def test_activation_terms_match_what_autograd_saves(overrides):
     """Every term of the per-token model, to the byte: what two batch sizes' saved tensors differ by.
     (The difference cancels what does not grow with the batch: autocast's weight casts, masks, RoPE tables.)"""
     cfg = resolve("base", **SMALL | {"attn": "sdpa"} | overrides)
-    per_token = (saved_bytes(cfg, 2) - saved_bytes(cfg, 1)) / cfg.block_size
+    per_token = (saved_bytes(cfg, 2) - saved_bytes(cfg, 1)) / cfg.model.block_size
     k = max(cfg.checkpoint_layers, 0)
-    blocks = (cfg.n_layer - k) * block_bytes_per_token(cfg) + k * 4 * cfg.n_embd  # checkpointed: the fp32 input
+    blocks = (cfg.model.n_layer - k) * block_bytes_per_token(cfg) + k * 4 * cfg.model.n_embd  # checkpointed: the fp32 input
     assert per_token == blocks + head_bytes_per_token(cfg)[0] + cpu_minus_cuda_bytes_per_token(cfg)
 
 
@@ -118,17 +118,17 @@ def test_estimate_bounds_the_measured_peak(overrides):
     """The peak of a forward and backward pass on the CPU (every tensor the step creates: activations,
     weight casts, transients, gradients) is below the estimate of those terms, and not far below."""
     cfg = resolve("base", **SMALL | {"n_layer": 4, "block_size": 64, "dtype": "bfloat16"} | overrides)
-    model = GPT(cfg).train()
+    model = GPT.from_config(cfg).train()
     batch = 4
-    idx, targets = torch.randint(0, cfg.vocab_size, (2, batch, cfg.block_size))
-    tipa_targets = torch.randint(0, cfg.tipa_max + 1, idx.shape) if cfg.tipa else None
+    idx, targets = torch.randint(0, cfg.model.vocab_size, (2, batch, cfg.model.block_size))
+    tipa_targets = torch.randint(0, cfg.model.tipa_max + 1, idx.shape) if cfg.model.tipa else None
     tracker = LiveBytes()
     with tracker:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=uses_autocast(cfg)):
             lm_loss, tipa_loss = model(idx, targets, tipa_targets)[1:]
         (lm_loss if tipa_loss is None else lm_loss + tipa_loss).backward()
     terms = memory_breakdown(cfg, batch, max(cfg.checkpoint_layers, 0))
-    gradients = 4 * parameter_counts(cfg)[0]
+    gradients = 4 * parameter_counts(cfg.model)[0]
     predicted = terms["activations"] + terms["weight_casts"] + terms["loss_chunk"] + gradients
     del lm_loss, tipa_loss
     assert tracker.now == gradients  # all that outlives the step
@@ -144,13 +144,13 @@ def test_more_micro_batch_needs_more_memory():
 
 
 def test_checkpointing_more_layers_needs_less_memory():
-    peaks = [estimate_peak_bytes(DEEP, 8, k) for k in range(DEEP.n_layer)]
+    peaks = [estimate_peak_bytes(DEEP, 8, k) for k in range(DEEP.model.n_layer)]
     assert all(later < earlier for earlier, later in zip(peaks, peaks[1:]))
-    assert memory_breakdown(DEEP, 8, DEEP.n_layer)["activations"] < memory_breakdown(DEEP, 8, 0)["activations"] / 4
+    assert memory_breakdown(DEEP, 8, DEEP.model.n_layer)["activations"] < memory_breakdown(DEEP, 8, 0)["activations"] / 4
 
 
 def test_naive_attention_needs_more_than_flash_at_context_512():
-    naive = dataclasses.replace(DEEP, attn="naive")
+    naive = DEEP.replace(attn="naive")
     flash = block_bytes_per_token(DEEP)
     # At T = 512 the (B, H, T, T) probabilities, fp32 and bf16, outweigh everything else a block keeps.
     assert block_bytes_per_token(naive) > 2 * flash
@@ -162,9 +162,9 @@ def test_deep_fits_40gb_without_checkpointing():
     parameter, and each block keeps at least the fp32 residual twice and the 4C MLP hidden twice in bf16."""
     plan = plan_memory(DEEP, 40 * GB)
     assert plan.checkpoint_layers == 0 and plan.micro_batch_size >= 8
-    params, _ = parameter_counts(DEEP)
-    tokens = plan.micro_batch_size * DEEP.block_size
-    floor = 16 * params + tokens * DEEP.n_layer * (2 * 4 + 2 * 4 * 2) * DEEP.n_embd
+    params, _ = parameter_counts(DEEP.model)
+    tokens = plan.micro_batch_size * DEEP.model.block_size
+    floor = 16 * params + tokens * DEEP.model.n_layer * (2 * 4 + 2 * 4 * 2) * DEEP.model.n_embd
     assert floor < plan.predicted_peak_bytes <= 40 * GB
 
 
@@ -174,7 +174,7 @@ def test_deep_fits_40gb_without_checkpointing():
 @pytest.mark.parametrize("batch_size, fits, expected", [(64, 16, 16), (48, 16, 16), (48, 13, 12), (64, 63, 32)])
 def test_planner_picks_the_largest_fitting_divisor(batch_size, fits, expected):
     """Capacity is exactly the estimate of micro-batch `fits`; the plan is the largest divisor <= fits."""
-    cfg = dataclasses.replace(DEEP, batch_size=batch_size)
+    cfg = DEEP.replace(batch_size=batch_size)
     plan = plan_memory(cfg, estimate_peak_bytes(cfg, fits, 0))
     assert (plan.micro_batch_size, plan.accum_steps, plan.checkpoint_layers) == (expected, batch_size // expected, 0)
     assert plan.predicted_peak_bytes == estimate_peak_bytes(cfg, expected, 0)
@@ -189,16 +189,16 @@ def test_planner_checkpoints_only_when_micro_batch_one_does_not_fit():
 
 
 def test_planner_honours_overrides():
-    plan = plan_memory(dataclasses.replace(DEEP, micro_batch_size=8), 80 * GB)
+    plan = plan_memory(DEEP.replace(micro_batch_size=8), 80 * GB)
     assert (plan.micro_batch_size, plan.accum_steps, plan.checkpoint_layers) == (8, 8, 0)
-    plan = plan_memory(dataclasses.replace(DEEP, checkpoint_layers=4), 80 * GB)
+    plan = plan_memory(DEEP.replace(checkpoint_layers=4), 80 * GB)
     assert (plan.micro_batch_size, plan.checkpoint_layers) == (64, 4)
-    plan = plan_memory(dataclasses.replace(DEEP, micro_batch_size=64), estimate_peak_bytes(DEEP, 64, 10))
+    plan = plan_memory(DEEP.replace(micro_batch_size=64), estimate_peak_bytes(DEEP, 64, 10))
     assert (plan.micro_batch_size, plan.checkpoint_layers) == (64, 10)  # checkpointing makes the fixed batch fit
 
 
 def test_fixed_micro_batch_that_does_not_fit_names_one_that_does():
-    cfg = dataclasses.replace(DEEP, micro_batch_size=64, checkpoint_layers=0)
+    cfg = DEEP.replace(micro_batch_size=64, checkpoint_layers=0)
     with pytest.raises(MemoryPlanError, match="--micro-batch-size 16 --checkpoint-layers 0 would fit"):
         plan_memory(cfg, estimate_peak_bytes(DEEP, 16, 0))
 
@@ -216,18 +216,17 @@ def test_world_size_splits_the_batch():
     assert plan.micro_batch_size * plan.accum_steps * plan.world_size == DEEP.batch_size
     assert plan.micro_batch_size == 16  # the whole per-rank batch fits on 80 GB
     # DDP adds no gradient copy: charlm.train builds it with gradient_as_bucket_view=True
-    assert estimate_peak_bytes(DEEP, 16, 0, world_size=4) == estimate_peak_bytes(DEEP, 16, 0)
     with pytest.raises(ValueError, match="divisible by the number of ranks"):
         plan_memory(DEEP, 80 * GB, world_size=3)
     with pytest.raises(ValueError, match="must divide the per-rank batch"):
-        plan_memory(dataclasses.replace(DEEP, micro_batch_size=32), 80 * GB, world_size=4)
+        plan_memory(DEEP.replace(micro_batch_size=32), 80 * GB, world_size=4)
 
 
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="checkpoint_layers must be in 0..n_layer"):
-        plan_memory(dataclasses.replace(DEEP, checkpoint_layers=33), 80 * GB)
+        plan_memory(DEEP.replace(checkpoint_layers=33), 80 * GB)
     with pytest.raises(ValueError, match="vocab_size must be set"):
-        plan_memory(dataclasses.replace(DEEP, vocab_size=0), 80 * GB)
+        plan_memory(DEEP.replace(vocab_size=0), 80 * GB)
 
 
 def test_describe():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from charlm import study
 from charlm.eval import load_model, scoring_windows
 from charlm.tipa import reverse_positions
-from charlm.train import Trainer
+from charlm.trainer import Trainer
 
 TOKENS_PER_STEP = 8 * 64  # --batch-size 8, tiny preset's block_size 64
 
@@ -208,8 +208,8 @@ def test_tipa_bpc_counts_next_character_loss_only(tiny_dataset, tmp_path):
     assert step == result["checkpoint_step"]
     root, name = tiny_dataset
     tokens = np.fromfile(root / name / "val.bin", dtype=np.uint8)
-    reverse = torch.from_numpy(reverse_positions(tokens, cfg.tipa_max).astype(np.int64))
-    data, T = torch.from_numpy(tokens.astype(np.int64)), cfg.block_size
+    reverse = torch.from_numpy(reverse_positions(tokens, cfg.model.tipa_max).astype(np.int64))
+    data, T = torch.from_numpy(tokens.astype(np.int64)), cfg.model.block_size
     lm_total = tipa_total = 0.0
     with torch.no_grad():
         for start, first in scoring_windows(len(tokens), T, T):

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from charlm.config import resolve
 from charlm.eval import evaluate, load_model, scoring_windows
 from charlm.sample import sample
-from charlm.train import Trainer, lr_at, main, train
+from charlm.train import main
+from charlm.trainer import Trainer, lr_at, train
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,7 @@ def test_training_learns_and_writes_its_run_folder(tiny_dataset, tmp_path):
     assert [r["step"] for r in val] == [40, 80]
     assert rows[-1]["train_bpc"] < 3.5 and val[-1]["val_bpc"] < 3.5  # uniform is 8 bits
     saved = json.loads((run / "config.json").read_text())
-    assert saved["n_layer"] == 2 and saved["attn"] == "sdpa" and saved["vocab_size"] == 256
+    assert saved["model"]["n_layer"] == 2 and saved["attn"] == "sdpa" and saved["model"]["vocab_size"] == 256
     assert (run / "curves.png").stat().st_size > 0
     assert (run / "checkpoints.json").is_file()
 
@@ -123,7 +124,7 @@ def test_eval_equals_hand_computed_cross_entropy(tiny_dataset, tmp_path):
     model, cfg, _ = load_model(run, torch.device("cpu"))
     root, name = tiny_dataset
     tokens = torch.from_numpy(np.fromfile(root / name / "val.bin", dtype=np.uint8).astype(np.int64))
-    T, total = cfg.block_size, 0.0
+    T, total = cfg.model.block_size, 0.0
     with torch.no_grad():  # non-overlapping windows, then the tail window's unscored targets
         for start in range(0, len(tokens) - 1, T):
             s = min(start, len(tokens) - 1 - T)

@@ -1,0 +1,71 @@
+"""A run's history: metrics.jsonl (one JSON row per logged step) and the curves drawn from it.
+
+Rows are appended as training goes; a resumed run first drops the rows after the step it resumes from,
+so the log never repeats the steps that are redone.
+"""
+import json
+import math
+from pathlib import Path
+
+from charlm.io import atomic_write_text, pyplot, save_figure
+
+METRICS = "metrics.jsonl"
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics line; a line torn by a crash mid-write counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl; a torn or foreign line is skipped."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def append_metrics(run_dir: Path, row: dict) -> None:
+    with open(Path(run_dir) / METRICS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop rows after `step` (the checkpoint resumed from, or 0 for a fresh start after a crash before
+    the first checkpoint): those steps are redone, and the log must not repeat them."""
+    path = Path(run_dir) / METRICS
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if _row_step(line) <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def plot_curves(run_dir: Path, title: str | None = None) -> Path | None:
+    """Write run_dir/curves.png (train and val BPC against steps); None when there is nothing to plot yet."""
+    rows = [r for r in read_metrics(run_dir) if "train_bpc" in r]
+    if not rows:
+        return None
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
+    ax.plot([r["step"] for r in rows], [r["train_bpc"] for r in rows], label="train", alpha=0.8)
+    val = [r for r in rows if "val_bpc" in r]
+    if val:
+        best = min(val, key=lambda r: r["val_bpc"])
+        ax.plot([r["step"] for r in val], [r["val_bpc"] for r in val], "o-", label="val (estimate)")
+        ax.annotate(f"best {best['val_bpc']:.3f}", (best["step"], best["val_bpc"]),
+                    textcoords="offset points", xytext=(0, 8), ha="center")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per character")
+    ax.set_title(title or Path(run_dir).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_figure(fig, Path(run_dir) / "curves.png")
