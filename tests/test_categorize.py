@@ -1,6 +1,9 @@
 """Topic subsets (charlm.categorize) on a generated enwik8-like corpus of clearly themed pages."""
 import importlib.util
 import json
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -168,7 +171,11 @@ def test_import_labels(tmp_path, suffix):
                               [500, n["train"] - 500, NAMES.index("Science")]]
     test = np.load(tmp_path / "d" / "categories" / "import" / "spans_test.npy")
     assert test[:, 1].tolist() == [n["test"] - 1, 1]
-    assert "Science" in summary(tmp_path / "d", "import")
+    rows = summary_rows(summary(tmp_path / "d", "import"))
+    assert rows["Science"][0] == [n["train"] - 500, 1, 0, 0, 1, 1]  # tokens, chunks: train, val, test
+    assert rows["Geography"][0] == [0, 0, n["val"], 1, 0, 0]
+    assert rows["total"][0] == [n["train"], 3, n["val"], 1, n["test"], 2]
+    assert rows["History"][1] == [] and rows["Biographies"][1] == ["Galaxy 0"]  # the titles in their spans
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -219,7 +226,8 @@ def test_embed_sorts_themed_pages_by_meaning(tmp_path):
     spans = np.load(tmp_path / "d" / "categories" / "embed" / "spans_train.npy")
     titled = [(page_title(tokens, s, n, meta), c) for s, n, c in spans.tolist()]
     assert all(NAMES[c] == truth[t] for t, c in titled if t) and len(titled) > 15
-    assert json.loads((tmp_path / "d" / "categories" / "embed" / "categories.json").read_text())["model"]
+    assert json.loads((tmp_path / "d" / "categories" / "embed" / "categories.json").read_text())["model"] == str(
+        embed.packaged_model_path())
 
 
 @pytest.fixture
@@ -279,12 +287,49 @@ def test_plain_text_strips_wiki_markup():
     assert embed.plain_text(wiki) == "Kant was a philosopher from Königsberg. Life"
 
 
+def summary_rows(table: str) -> dict[str, tuple[list[int], list[str]]]:
+    """A summary table's rows by category (and "total"): (tokens and chunks per split, example titles)."""
+    rows = {}
+    for line in table.splitlines()[2:]:
+        name, *cells = re.split(r" {2,}", line.strip())
+        rows[name] = [int(c.replace(",", "")) for c in cells[:6]], cells[6].split("; ") if cells[6:] else []
+    return rows
+
+
 def test_cli_writes_and_summarises(topic_dataset, capsys):
-    data_dir, _ = topic_dataset
-    main([data_dir.name, "--data-root", str(data_dir.parent), "--method", "keywords", "--summary"])
-    out = capsys.readouterr().out
-    lines = {line.split("  ")[0]: line for line in out.splitlines()}
-    assert "Science" in lines and "Battle of" not in lines["Science"] and "Electron" in out
-    assert lines["total"].split()[1] == f"{load_meta(data_dir)['splits']['train']:,}"
+    data_dir, truth = topic_dataset
+    root = ["--data-root", str(data_dir.parent)]
+    main([data_dir.name, *root, "--method", "keywords", "--name", "cli"])
+    wrote, table = capsys.readouterr().out.split("\n", 1)
+    assert wrote == f"wrote {data_dir / 'categories' / 'cli'}" and table == summary(data_dir, "cli") + "\n"
+    for split in ("train", "val", "test"):  # the same as categorize() wrote for the fixture
+        cli, api = (np.load(data_dir / "categories" / name / f"spans_{split}.npy") for name in ("cli", "keywords"))
+        assert np.array_equal(cli, api)
+
+    main([data_dir.name, *root, "--method", "keywords", "--summary"])
+    rows = summary_rows(capsys.readouterr().out)
+    index = json.loads((data_dir / "categories" / "keywords" / "categories.json").read_text())
+    assert list(rows) == [*NAMES, "total"]
+    for c in index["categories"]:
+        assert rows[c["name"]][0] == [c[kind][s] for s in ("train", "val", "test") for kind in ("bytes", "chunks")]
+        titles = rows[c["name"]][1]
+        assert all(truth[t] == c["name"] for t in titles[:-1]), titles  # the last one may be cut at 70 chars
+        assert titles or c["chunks"]["train"] == 0 or c["name"] == FALLBACK  # pages in train: examples shown
+    assert rows["Science"][1][0] == "Galaxy 0"  # the corpus's first page
+    assert rows["total"][0][::2] == [load_meta(data_dir)["splits"][s] for s in ("train", "val", "test")]
     with pytest.raises(SystemExit, match="no categorisation 'import'"):
-        main([data_dir.name, "--data-root", str(data_dir.parent), "--method", "import", "--summary"])
+        main([data_dir.name, *root, "--method", "import", "--summary"])
+
+
+def test_category_names_import_without_the_classifiers():
+    """charlm.eval and charlm.experts import category_slug from the package: that loads no numpy, tqdm or
+    classifier, only the names."""
+    code = ("import sys\nfrom charlm.categorize import category_slug\n"
+            "print(category_slug('Arts and Literature'), *sorted(sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    slug, *loaded = out.stdout.split()
+    assert slug == "arts-and-literature" and "charlm.categorize.categories" in loaded
+    heavy = {"numpy", "tqdm", "charlm.data", *(f"charlm.categorize.{m}" for m in
+                                                ("chunks", "keywords", "lexicon", "embed", "labels", "store",
+                                                 "pipeline", "__main__"))}
+    assert not heavy & set(loaded), heavy & set(loaded)
