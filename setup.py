@@ -44,7 +44,7 @@ class CMakeBuild(build_ext):
 has_loader_sources = any((ROOT / "csrc").glob("*.cpp"))
 
 setup(
-    packages=["charlm", "charlm.kernels"],
+    packages=["charlm", "charlm.categorize", "charlm.kernels"],
     package_dir={"charlm": "charlm", "charlm.kernels": "kernels"},
     ext_modules=[CMakeExtension("charlm._loader")] if has_loader_sources else [],
     cmdclass={"build_ext": CMakeBuild},

