@@ -2,10 +2,10 @@
 // charlm.loader.BatchLoader is the only caller; it checks the arguments and turns arrays into tensors.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
 
-#include <algorithm>
-#include <optional>
+#include <memory>
+#include <string>
+#include <vector>
 
 #include "loader.h"
 
@@ -23,13 +23,13 @@ std::vector<int64_t> column(const py::array_t<int64_t>& spans, int64_t c) {
 
 std::unique_ptr<Loader> make_loader(const std::string& path, int itemsize, int64_t n_tokens,
                                     const py::array_t<uint8_t, py::array::c_style>& word,
-                                    const py::array_t<int64_t, py::array::c_style>& spans, bool sequential,
+                                    const py::array_t<int64_t, py::array::c_style>& spans,
                                     int64_t batch_size, int64_t block_size, int64_t rank, int64_t world_size,
                                     uint64_t seed, int tipa, int64_t tipa_max, int threads) {
   if (spans.ndim() != 2 || spans.shape(1) != 2) throw std::invalid_argument("spans must have shape (N, 2)");
   if (tipa < 0 || tipa > 2) throw std::invalid_argument("tipa must be 0 (off), 1 (word) or 2 (window)");
   charlm::LoaderConfig config{n_tokens, std::vector<uint8_t>(word.data(), word.data() + word.size()),
-                              column(spans, 0), column(spans, 1), sequential, batch_size, block_size, rank,
+                              column(spans, 0), column(spans, 1), batch_size, block_size, rank,
                               world_size, seed, static_cast<charlm::Tipa>(tipa), tipa_max, threads};
   return std::make_unique<Loader>(charlm::TokenFile::open(path, itemsize), std::move(config));
 }
@@ -50,40 +50,6 @@ py::tuple batch(Loader& loader, int64_t step) {
   return py::make_tuple(view(0), view(1), loader.tipa() ? view(2) : py::none());
 }
 
-// A caller's int32 or int64 buffer of shape (B, T), checked; its memory is written without the GIL.
-struct Buffer {
-  void* data;
-  bool is_int32;
-};
-
-Buffer writable_buffer(const Loader& loader, py::array& a, const char* name) {
-  const bool is_int32 = a.dtype().is(py::dtype::of<int32_t>());
-  if (!(is_int32 || a.dtype().is(py::dtype::of<int64_t>())) || a.ndim() != 2 ||
-      a.shape(0) != loader.local_batch_size() || a.shape(1) != loader.block_size() ||
-      !(a.flags() & py::array::c_style) || !a.writeable()) {
-    throw std::invalid_argument(std::string(name) + " must be a writeable C-contiguous int32 or int64 array " +
-                                "of shape (local batch size, block size)");
-  }
-  return {a.mutable_data(), is_int32};
-}
-
-void batch_into(Loader& loader, int64_t step, py::array x, py::array y, std::optional<py::array> t) {
-  if (t.has_value() != loader.tipa()) throw std::invalid_argument("t must be given exactly when TIPA is on");
-  std::vector<Buffer> out{writable_buffer(loader, x, "x"), writable_buffer(loader, y, "y")};
-  if (t) out.push_back(writable_buffer(loader, *t, "t"));
-  py::gil_scoped_release nogil;  // x, y, t stay referenced by this call's arguments
-  const std::unique_ptr<int64_t[]> data = loader.take(step);
-  const int64_t n = loader.local_batch_size() * loader.block_size();
-  for (size_t k = 0; k < out.size(); ++k) {
-    const int64_t* src = data.get() + k * n;
-    if (out[k].is_int32) {
-      std::copy(src, src + n, static_cast<int32_t*>(out[k].data));  // values fit: tokens < 65536, -100, <= 255
-    } else {
-      std::copy(src, src + n, static_cast<int64_t*>(out[k].data));
-    }
-  }
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_loader, m) {
@@ -91,19 +57,17 @@ PYBIND11_MODULE(_loader, m) {
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
-    } catch (const std::system_error& e) {  // open/fstat/mmap failures name the file
+    } catch (const std::system_error& e) {  // open/fstat/mmap failures name the file, thread starts the count
       PyErr_SetString(PyExc_OSError, e.what());
     }
   });
 
   py::class_<Loader>(m, "Loader")
       .def(py::init(&make_loader), py::arg("path"), py::arg("itemsize"), py::arg("n_tokens"), py::arg("word"),
-           py::arg("spans"), py::arg("sequential"), py::arg("batch_size"), py::arg("block_size"), py::arg("rank"),
+           py::arg("spans"), py::arg("batch_size"), py::arg("block_size"), py::arg("rank"),
            py::arg("world_size"), py::arg("seed"), py::arg("tipa"), py::arg("tipa_max"), py::arg("threads"))
       .def("batch", &batch, py::arg("step"),
            "(x, y, t or None) of a step: int64 arrays (B_local, T) owning their memory")
-      .def("batch_into", &batch_into, py::arg("step"), py::arg("x"), py::arg("y"), py::arg("t") = py::none(),
-           "Write a step's batch into int32 or int64 C-contiguous arrays (B_local, T)")
       .def("max_token", &Loader::max_token, py::call_guard<py::gil_scoped_release>(),
            "The largest token id in the file: scanned once per mapping, which the file's loaders share")
       .def("close", &Loader::close, py::call_guard<py::gil_scoped_release>(), "Stop and join the threads");

@@ -15,8 +15,6 @@
 namespace charlm {
 namespace {
 
-constexpr int64_t kIgnoreIndex = -100;  // charlm.loader.IGNORE_INDEX
-
 constexpr int64_t kMaxBatchTokens = int64_t{1} << 40;
 
 void require(bool ok, const std::string& message) {
@@ -118,34 +116,24 @@ Loader::Loader(std::shared_ptr<TokenFile> file, LoaderConfig config)
     const int64_t start = cfg_.span_start[k], length = cfg_.span_length[k];
     require(start >= 0 && length >= 0 && start <= cfg_.n_tokens - length, path + ": span outside the split");
     windows_before_.push_back(num_windows_);  // the counts of charlm.loader.windows_per_span
-    num_windows_ += cfg_.sequential ? (std::max<int64_t>(length - 1, 0) + T - 1) / T
-                                    : std::max<int64_t>(length - T, 0);
+    num_windows_ += std::max<int64_t>(length - T, 0);
   }
   require(num_windows_ > 0, path + ": no span holds a window");
-  last_step_ = cfg_.sequential ? (num_windows_ - 1) / cfg_.batch_size : std::numeric_limits<int64_t>::max();
   seed_hash_ = splitmix64(cfg_.seed);
   depth_ = std::max(2, cfg_.threads);
-  for (int i = 0; i < cfg_.threads; ++i) workers_.emplace_back(&Loader::work, this);
+  start_workers();
 }
 
 Loader::~Loader() { close(); }
 
-Loader::Row Loader::row(int64_t step, int64_t global_row) const {
-  const int64_t T = cfg_.block_size;
-  int64_t w;
-  if (cfg_.sequential) {
-    w = step * cfg_.batch_size + global_row;  // step <= last_step_: no overflow
-    if (w >= num_windows_) return {0, 0};    // rows after the last window: all padding
-  } else {
-    w = scale(splitmix64(splitmix64(seed_hash_ ^ static_cast<uint64_t>(step)) ^ static_cast<uint64_t>(global_row)),
-              num_windows_);
-  }
+int64_t Loader::window_start(int64_t step, int64_t global_row) const {
+  const int64_t w = scale(
+      splitmix64(splitmix64(seed_hash_ ^ static_cast<uint64_t>(step)) ^ static_cast<uint64_t>(global_row)),
+      num_windows_);
   // The span holding window w: the last one with windows_before_ <= w (spans without windows tie
   // with the next span and are passed over).
   const size_t k = std::upper_bound(windows_before_.begin(), windows_before_.end(), w) - windows_before_.begin() - 1;
-  const int64_t j = w - windows_before_[k];
-  if (!cfg_.sequential) return {cfg_.span_start[k] + j, T};
-  return {cfg_.span_start[k] + j * T, std::min(T, cfg_.span_length[k] - 1 - j * T)};
+  return cfg_.span_start[k] + (w - windows_before_[k]);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -156,46 +144,43 @@ std::unique_ptr<int64_t[]> Loader::build(int64_t step) const {
   std::unique_ptr<int64_t[]> data(new int64_t[batch_elements()]);  // uninitialised: every element is written
   int64_t* t = tipa() ? data.get() + 2 * n : nullptr;
   for (int64_t i = 0; i < local_batch_; ++i) {
-    const Row r = row(step, cfg_.rank * local_batch_ + i);
-    const int64_t offset = i * cfg_.block_size;
-    int64_t* t_row = t ? t + offset : nullptr;
+    const int64_t start = window_start(step, cfg_.rank * local_batch_ + i);
+    int64_t* x = data.get() + i * cfg_.block_size;
+    int64_t* t_row = t ? t + i * cfg_.block_size : nullptr;
     if (file_->itemsize() == 1) {
-      fill_row(static_cast<const uint8_t*>(file_->data()), r, data.get() + offset, data.get() + n + offset, t_row);
+      fill_row(static_cast<const uint8_t*>(file_->data()), start, x, x + n, t_row);
     } else {
-      fill_row(static_cast<const uint16_t*>(file_->data()), r, data.get() + offset, data.get() + n + offset, t_row);
+      fill_row(static_cast<const uint16_t*>(file_->data()), start, x, x + n, t_row);
     }
   }
   return data;
 }
 
-// One row: reads tokens[start .. start + valid] and, for word-scope TIPA, up to tipa_max tokens beyond
+// One row: reads tokens[start .. start + T] and, for word-scope TIPA, up to tipa_max tokens beyond
 // (bounded by the split's end): all inside the file, as the spans were checked.
 template <class Tok>
-void Loader::fill_row(const Tok* tokens, Row r, int64_t* x, int64_t* y, int64_t* t) const {
+void Loader::fill_row(const Tok* tokens, int64_t start, int64_t* x, int64_t* y, int64_t* t) const {
   const int64_t T = cfg_.block_size, R = cfg_.tipa_max;
-  const Tok* window = tokens + r.start;
-  for (int64_t j = 0; j < r.valid; ++j) {
+  const Tok* window = tokens + start;
+  for (int64_t j = 0; j < T; ++j) {
     x[j] = window[j];
     y[j] = window[j + 1];
   }
-  std::fill(x + r.valid, x + T, 0);
-  std::fill(y + r.valid, y + T, kIgnoreIndex);
   if (!t) return;
-  std::fill(t + r.valid, t + T, kIgnoreIndex);
   if (cfg_.tipa == Tipa::kWindow) {
-    for (int64_t j = 0; j < r.valid; ++j) t[j] = std::min(T - j, R);
+    for (int64_t j = 0; j < T; ++j) t[j] = std::min(T - j, R);
     return;
   }
   // Walk back from tipa_max tokens past the last target, counting the run of word tokens up to the next
   // delimiter: a run cut short by the read-ahead bound is longer than tipa_max anyway, so clips the same.
   // (run + 1) * is_word extends or resets the run without a branch, which text would mispredict.
   const uint8_t* is_word = cfg_.word.data();
-  const int64_t last = r.start + r.valid;  // offset of the last target
+  const int64_t last = start + T;  // offset of the last target
   int64_t run = 0;
   for (int64_t p = std::min(last + R, cfg_.n_tokens - 1); p > last; --p) run = (run + 1) * is_word[tokens[p]];
-  for (int64_t p = last; p > r.start; --p) {
+  for (int64_t p = last; p > start; --p) {
     run = (run + 1) * is_word[tokens[p]];
-    t[p - r.start - 1] = std::min(run, R);
+    t[p - start - 1] = std::min(run, R);
   }
 }
 
@@ -203,7 +188,7 @@ void Loader::fill_row(const Tok* tokens, Row r, int64_t* x, int64_t* y, int64_t*
 // Loader: the prefetch queue
 
 std::unique_ptr<int64_t[]> Loader::take(int64_t step) {
-  if (step < 0 || step > last_step_) throw std::out_of_range("step " + std::to_string(step) + " out of range");
+  if (step < 0) throw std::out_of_range("step " + std::to_string(step) + " out of range");
   std::lock_guard<std::mutex> one_caller(take_mu_);
   std::unique_lock<std::mutex> lock(mu_);
   if (stop_) throw std::runtime_error("the loader is closed");
@@ -223,13 +208,29 @@ std::unique_ptr<int64_t[]> Loader::take(int64_t step) {
 }
 
 void Loader::queue_after(int64_t step) {
-  const int64_t ahead = std::min(depth_, last_step_ - step);  // steps to build ahead, none past the last
+  const int64_t ahead = std::min(depth_, std::numeric_limits<int64_t>::max() - step);  // none past int64
   for (auto it = slots_.begin(); it != slots_.end();) {
     const bool wanted = it->first > step && it->first - step <= ahead;
     it = (wanted || it->second.state == State::kBuilding) ? std::next(it) : slots_.erase(it);
   }
   for (int64_t k = 1; k <= ahead; ++k) {
     if (slots_.try_emplace(step + k).second) work_cv_.notify_one();  // one worker per new job
+  }
+}
+
+void Loader::start_workers() {
+  workers_.reserve(cfg_.threads);
+  for (int i = 0; i < cfg_.threads; ++i) {
+    try {
+      workers_.emplace_back(&Loader::work, this);
+    } catch (const std::system_error& e) {  // EAGAIN: a thread or memory limit
+      close();  // a joinable std::thread destroyed by the unwinding would call std::terminate
+      throw std::system_error(e.code(), "could not start loader thread " + std::to_string(i + 1) + " of " +
+                                            std::to_string(cfg_.threads) + " (lower threads)");
+    } catch (...) {
+      close();
+      throw;
+    }
   }
 }
 

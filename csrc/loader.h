@@ -50,7 +50,6 @@ struct LoaderConfig {
   std::vector<uint8_t> word;         // word-token table, 256 (uint8) or 65536 (uint16) entries
   std::vector<int64_t> span_start;   // spans inside the split, in the caller's order
   std::vector<int64_t> span_length;
-  bool sequential;                   // windows cut every T (evaluation) instead of drawn at random
   int64_t batch_size, block_size;    // global batch B in rows, window T in targets
   int64_t rank, world_size;
   uint64_t seed;
@@ -79,9 +78,6 @@ class Loader {
   void close();  // stops and joins the threads; idempotent
 
  private:
-  struct Row {
-    int64_t start, valid;  // window start in the split, targets before the padding
-  };
   enum class State { kQueued, kBuilding, kReady };
   struct Slot {
     State state = State::kQueued;
@@ -89,17 +85,18 @@ class Loader {
     std::exception_ptr error;
   };
 
-  Row row(int64_t step, int64_t global_row) const;
+  int64_t window_start(int64_t step, int64_t global_row) const;
   std::unique_ptr<int64_t[]> build(int64_t step) const;
-  template <class Tok> void fill_row(const Tok* tokens, Row r, int64_t* x, int64_t* y, int64_t* t) const;
+  template <class Tok> void fill_row(const Tok* tokens, int64_t start, int64_t* x, int64_t* y, int64_t* t) const;
   void queue_after(int64_t step);  // with mu_ held
+  void start_workers();            // in the constructor: all threads start, or none is left running
   void work();
 
   std::shared_ptr<TokenFile> file_;
   LoaderConfig cfg_;
   int64_t local_batch_;
   std::vector<int64_t> windows_before_;  // windows in the spans before each span
-  int64_t num_windows_, last_step_;
+  int64_t num_windows_;
   uint64_t seed_hash_;
   int64_t depth_;  // steps built ahead
 
