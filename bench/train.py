@@ -123,7 +123,7 @@ def bench_case(data_dir, tmp, name, variant, overrides, args) -> list[dict]:
         rows.append(record("train", impl, case, ms[impl], baseline=impl == "baseline", tokens_per_s=tokens_per_s,
                            peak_mem_gb=peak_memory_gb(device), device=device,
                            mfu=flops_per_token(trainer.cfg.model) * tokens_per_s / peak if peak else None,
-                           micro_batch=trainer.micro_batch, checkpoint_layers=trainer.plan.checkpoint_layers,
+                           micro_batch=trainer.plan.micro_batch_size, checkpoint_layers=trainer.plan.checkpoint_layers,
                            compile_mode=cfg.compile_mode if cfg.compile else None,
                            speedup=ms["baseline"] / ms[impl]))
         del trainer
