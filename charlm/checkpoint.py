@@ -11,6 +11,7 @@ cannot run code.
 import hashlib
 import json
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from charlm.config import Config, ModelConfig
 from charlm.errors import CharlmError
 from charlm.io import atomic_write, atomic_write_text
+from charlm.runlog import METRICS, read_metrics
 
 MANIFEST = "checkpoints.json"
 FORMAT = 1  # bump when the checkpoint layout changes incompatibly
@@ -41,23 +43,71 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_manifest(run_dir: Path) -> list[dict]:
+CKPT_NAME = re.compile(r"ckpt_(\d{8,})\.pt")
+BEST = "best.pt"
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _valid_entry(entry, best: bool = False) -> bool:
+    """A manifest entry that names a checkpoint file of this folder (a plain name: never a path), by the
+    step in its name, with its size and hash."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not _is_count(entry.get("step")):
+        return False
+    name = CKPT_NAME.fullmatch(entry["file"])
+    right_name = entry["file"] == BEST if best else (name is not None and int(name[1]) == entry["step"])
+    return (right_name and _is_count(entry.get("bytes")) and isinstance(entry.get("sha256"), str)
+            and SHA256.fullmatch(entry["sha256"]) is not None)
+
+
+def _read_manifest_file(run_dir: Path) -> dict | None:
+    """checkpoints.json if it is whole and every entry is valid; None (with a warning) if it is damaged."""
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
-        return []
+        return None
     try:
-        return json.loads(path.read_text())["checkpoints"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint manifest: {e}") from e
+        manifest = json.loads(path.read_text())
+        entries, best = manifest["checkpoints"], manifest.get("best")
+        if not isinstance(entries, list) or not all(_valid_entry(e) for e in entries) or \
+                (best is not None and not _valid_entry(best, best=True)):
+            raise ValueError("an entry is not {file: ckpt_<step>.pt, step, bytes, sha256}")
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        warnings.warn(f"{path} is damaged ({e}); finding the checkpoints from their files instead")
+        return None
+    return {"checkpoints": sorted(entries, key=lambda e: e["step"]), "best": best}
+
+
+def _discovered_entries(run_dir: Path) -> list[dict]:
+    """Entries for the ckpt_<step>.pt files of a folder whose manifest is missing or damaged: their size
+    and hash are unknown, so each is checked by loading it."""
+    found = [(int(m[1]), p.name) for p in Path(run_dir).glob("ckpt_*.pt") if (m := CKPT_NAME.fullmatch(p.name))]
+    return [{"file": name, "step": step, "bytes": None, "sha256": None} for step, name in sorted(found)]
+
+
+def _read_manifest(run_dir: Path) -> list[dict]:
+    manifest = _read_manifest_file(run_dir)
+    return manifest["checkpoints"] if manifest is not None else _discovered_entries(run_dir)
+
+
+def _read_best(run_dir: Path) -> dict | None:
+    manifest = _read_manifest_file(run_dir)
+    return manifest["best"] if manifest is not None else None
 
 
 def checkpoint_entry(path: Path) -> dict:
-    """A checkpoint's manifest entry: file, step, bytes and sha256 (without reading the checkpoint)."""
+    """A checkpoint's manifest entry: file, step, bytes and sha256 (from the file itself when the manifest
+    does not list it)."""
     path = Path(path)
     for entry in _read_manifest(path.parent):
-        if entry["file"] == path.name:
+        if entry["file"] == path.name and entry["sha256"] is not None:
             return entry
-    raise CheckpointError(f"{path}: not listed in {path.parent / MANIFEST}")
+    name = CKPT_NAME.fullmatch(path.name)
+    if name is None or not path.is_file():
+        raise CheckpointError(f"{path}: not a checkpoint of {path.parent} (ckpt_<step>.pt)")
+    return {"file": path.name, "step": int(name[1]), "bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
 def _write_manifest(run_dir: Path, entries: list[dict], best: dict | None) -> None:
@@ -71,10 +121,12 @@ def _write(path: Path, step: int, state: dict) -> dict:
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 3) -> Path:
-    """Write ckpt_<step>.pt atomically, record it in the manifest, and delete all but the newest `keep`."""
+    """Write ckpt_<step>.pt atomically, record it in the manifest, and delete all but the newest `keep`
+    (only files the manifest names, which are plain names inside run_dir)."""
     run_dir = Path(run_dir)
     path = run_dir / f"ckpt_{step:08d}.pt"
     entries = [e for e in _read_manifest(run_dir) if e["step"] != step] + [_write(path, step, state)]
+    entries = [e if e["sha256"] else checkpoint_entry(run_dir / e["file"]) for e in entries]
     entries.sort(key=lambda e: e["step"])
     stale, entries = entries[:-keep], entries[-keep:]
     _write_manifest(run_dir, entries, _read_best(run_dir))
@@ -86,14 +138,9 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 3) -> Pat
 def save_best(run_dir: Path, step: int, state: dict, val_bpc: float) -> Path:
     """Write best.pt: the weights with the lowest val estimate so far (checkpoints are selected on val)."""
     run_dir = Path(run_dir)
-    entry = {**_write(run_dir / "best.pt", step, state), "val_bpc": val_bpc}
+    entry = {**_write(run_dir / BEST, step, state), "val_bpc": val_bpc}
     _write_manifest(run_dir, _read_manifest(run_dir), entry)
-    return run_dir / "best.pt"
-
-
-def _read_best(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / MANIFEST
-    return json.loads(path.read_text()).get("best") if path.is_file() else None
+    return run_dir / BEST
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:
@@ -104,7 +151,15 @@ def best_checkpoint(run_dir: Path) -> Path | None:
 
 def _is_intact(run_dir: Path, entry: dict) -> bool:
     path = Path(run_dir) / entry["file"]
-    return path.is_file() and path.stat().st_size == entry["bytes"] and _sha256(path) == entry["sha256"]
+    if not path.is_file():
+        return False
+    if entry["sha256"] is None:  # found without a manifest: intact if it loads
+        try:
+            load_checkpoint(path)
+            return True
+        except CheckpointError:
+            return False
+    return path.stat().st_size == entry["bytes"] and _sha256(path) == entry["sha256"]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -116,17 +171,35 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+def checkpoint_files(run_dir: Path) -> list[Path]:
+    """Every checkpoint file in a run folder, intact or not: the training history a new run must not overwrite."""
+    return sorted(Path(run_dir).glob("ckpt_*.pt")) + ([Path(run_dir) / BEST] if (Path(run_dir) / BEST).is_file() else [])
+
+
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """A checkpoint's contents, read without running code (weights_only); a bad file is a CheckpointError."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, EOFError, ValueError, KeyError, AttributeError, RuntimeError) as e:
         if isinstance(e, torch.OutOfMemoryError) or "CUDA" in str(e):  # the device's problem, not the file's
             raise
-        raise CheckpointError(f"{path}: not a readable charlm checkpoint ({type(e).__name__}: {e})") from e
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: not a readable charlm checkpoint ({type(e).__name__}: {first_line})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: checkpoint format {found} is not supported "
                               f"(this charlm reads format {FORMAT})")
+    if not isinstance(state.get("model"), dict) or not _is_count(state.get("step")):
+        raise CheckpointError(f"{path}: not a charlm checkpoint (expected model weights and a step)")
+    return state
+
+
+def check_finite(state: dict, path: Path) -> dict:
+    """A loaded checkpoint whose weights are all finite tensors; else a CheckpointError naming the file."""
+    if not all(torch.is_tensor(t) and torch.isfinite(t).all() for t in state["model"].values()):
+        raise CheckpointError(f"{path}: holds non-finite weights (NaN or Inf); use an earlier checkpoint")
     return state
 
 
@@ -141,12 +214,10 @@ def checkpoint_model_config(state: dict, path: Path) -> ModelConfig:
 def load_compatible(path: Path, model: ModelConfig, map_location="cpu") -> dict:
     """A checkpoint whose model has `model`'s shape (else a CheckpointError naming each difference) and
     whose weights are all finite."""
-    state = load_checkpoint(path, map_location)
+    state = check_finite(load_checkpoint(path, map_location), path)
     mismatched = model.mismatches(checkpoint_model_config(state, path))
     if mismatched:
         raise CheckpointError(f"{path} does not fit this config: " + ", ".join(mismatched))
-    if not all(torch.is_tensor(t) and torch.isfinite(t).all() for t in state["model"].values()):
-        raise CheckpointError(f"{path}: holds non-finite weights (NaN or Inf); resume from an earlier checkpoint")
     return state
 
 
@@ -184,6 +255,31 @@ class RunCheckpoints:
     def save_best(self, step: int, state: dict, val_bpc: float) -> None:
         if self.is_master and self.cfg.save_best:
             save_best(self.run_dir, step, state, val_bpc)
+
+    def starting_point(self) -> Path | None:
+        """The checkpoint this run resumes from, or None to start at step 0. A folder that holds training
+        history (checkpoints, metrics) is never started over unless cfg.overwrite says so, and --resume
+        never starts over a run whose checkpoints all fail their checks."""
+        latest, files = self.latest(), checkpoint_files(self.run_dir)
+        if self.cfg.resume:
+            if latest is None and files:
+                raise RunStopped(f"--resume: no checkpoint in {self.run_dir} is intact "
+                                 f"({', '.join(p.name for p in files)}); refusing to start over its history: "
+                                 f"restore a checkpoint, or pass --overwrite instead of --resume to start over")
+            return latest
+        history = [p.name for p in files] + ([METRICS] if read_metrics(self.run_dir) else [])
+        if history and not self.cfg.overwrite:
+            what = "checkpoints" if files else "a training history"
+            raise CheckpointError(f"{self.run_dir} already holds {what} ({', '.join(history[:4])}): pass --resume "
+                                  f"to continue it, --overwrite to start it over, or choose another --out-dir")
+        if history and self.is_master:
+            self._clear(files)
+        return None
+
+    def _clear(self, files: list[Path]) -> None:
+        """Delete a run's checkpoints, manifest and metrics (--overwrite)."""
+        for path in [*files, self.run_dir / MANIFEST, self.run_dir / METRICS]:
+            path.unlink(missing_ok=True)
 
     def load_latest(self, device: torch.device) -> tuple[Path, dict] | None:
         """The newest intact checkpoint of the run folder and its state, or None when it has none."""

@@ -29,6 +29,8 @@ PRESETS: dict[str, dict] = {
              "learning_rate": 3e-3, "warmup_iters": 10, "eval_interval": 25, "eval_iters": 8},
 }
 
+MAX_EVAL_ITERS = 10_000  # batches per val estimate: beyond this, an estimate costs more than a full pass
+
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 COMPILE_MODES = typing.get_args(CompileMode)
 
@@ -112,6 +114,8 @@ class Config:
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     max_memory_gb: float = option(0.0, "plan for (and cap the process at) this much GPU memory; 0: the whole card")
     resume: bool = option(False, "continue from the run folder's newest intact checkpoint")
+    overwrite: bool = option(False, "start over in a run folder that holds a training history (deletes its "
+                                    "checkpoints and metrics)")
     init_from: str = option("", "start from this checkpoint's weights (fine-tuning); optimizer and schedule start fresh")
     plan_only: bool = option(False, "print the memory plan and exit (no GPU needed)")
     variant: str = option("base", f"comma-separated conditions: {', '.join(VARIANTS)}")
@@ -228,6 +232,9 @@ def _range_errors(cfg: Config) -> list[str]:
         (cfg.keep_checkpoints >= 1 and cfg.max_bad_steps >= 1 and cfg.ckpt_interval >= 0,
          "keep_checkpoints and max_bad_steps must be at least 1 and ckpt_interval non-negative"),
         (0 <= cfg.seed < 2**63, f"seed must be in [0, 2**63), got {cfg.seed}"),
+        (not (cfg.resume and cfg.overwrite), "resume and overwrite exclude each other: continue the run, or start it over"),
+        (cfg.eval_iters <= MAX_EVAL_ITERS, f"eval_iters must be at most {MAX_EVAL_ITERS} (an estimate on random "
+                                           f"windows; python -m charlm.eval scores every character), got {cfg.eval_iters}"),
         (_finite(cfg.max_memory_gb) and cfg.max_memory_gb >= 0, f"max_memory_gb must be >= 0 (0: the whole card), got {cfg.max_memory_gb}"),
     ]
     return [msg for ok, msg in checks if not ok]

@@ -175,6 +175,12 @@ def split_tokens(data_dir: Path, split: str, meta: dict) -> np.ndarray:
     return np.memmap(Path(data_dir) / f"{split}.bin", dtype=meta["dtype"], mode="r")
 
 
+def dataset_fingerprint(meta: dict) -> str:
+    """A prepared dataset's identity: the hash of its meta.json, which holds its source's sha256, its
+    tokenization and split sizes. A run records it, and refuses to resume on other data."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
 def with_dataset(cfg):
     """A charlm.config.Config with its dataset's vocab size, and the dataset's meta; errors name the
     preparing command, or the field that does not fit the dataset."""

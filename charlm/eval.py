@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from charlm import cli
 from charlm.categorize import category_slug
-from charlm.checkpoint import best_checkpoint, latest_checkpoint, load_checkpoint
+from charlm.checkpoint import best_checkpoint, check_finite, latest_checkpoint, load_checkpoint
 from charlm.config import Config
 from charlm.data import DataError, category_spans, load_meta, split_tokens
 from charlm.io import atomic_write_text
@@ -39,7 +39,7 @@ def load_model(run_dir: Path, device: torch.device, checkpoint: Path | None = No
     path = best_checkpoint(run_dir) if str(checkpoint) == "best" else checkpoint or latest_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint found (train it first with python -m charlm.train)")
-    state = load_checkpoint(path, map_location=device)
+    state = check_finite(load_checkpoint(path, map_location=device), path)
     cfg = Config.from_dict(state["config"], source=str(path))
     model = GPT.from_config(cfg).to(device)
     model.load_state_dict(state["model"])
@@ -134,6 +134,8 @@ def evaluate(run_dir: Path, stride: int = 0, batch_size: int = 32, device: str =
     folder (rank 0). Under torchrun the ranks share the windows (every rank must call it) and all return
     the same numbers."""
     run_dir = Path(run_dir)
+    if batch_size < 1 or stride < 0:
+        raise ValueError(f"--batch-size must be at least 1 ({batch_size}) and --stride 0 (block_size) or more ({stride})")
     dev = resolve_device(device, ctx)
     model, cfg, step = load_model(run_dir, dev, checkpoint)
     data_dir = cfg.dataset_dir
@@ -153,8 +155,18 @@ def evaluate(run_dir: Path, stride: int = 0, batch_size: int = 32, device: str =
             bpc, count = split_bpc(model, tokens, *args)
         result[f"{split}_bpc"], result[f"{split}_chars"] = bpc, count
     if save and ctx.is_master:
-        atomic_write_text(run_dir / eval_filename(category), json.dumps(result, indent=2) + "\n")
+        write_result(run_dir, result)
     return result
+
+
+def write_result(run_dir: Path, result: dict) -> Path:
+    """RUN/eval.json (or eval_<method>_<category>.json) with the figures of `evaluate`."""
+    path = Path(run_dir) / eval_filename(result.get("category", ""))
+    try:
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    except OSError as e:
+        raise OSError(e.errno, f"could not write {path} ({e.strerror}); the figures printed above are complete") from e
+    return path
 
 
 def _main(argv=None) -> None:
@@ -170,13 +182,14 @@ def _main(argv=None) -> None:
     args = parser.parse_args(argv)
     with distributed(args.device) as ctx:
         result = evaluate(args.run_dir, args.stride, args.batch_size, args.device, checkpoint=args.checkpoint,
-                          category=args.category, ctx=ctx)
+                          category=args.category, ctx=ctx, save=False)
     if not ctx.is_master:
         return
     if args.category:
         print(f"on the {args.category} subset of each split:")
     for split in ("val", "test"):
-        print(f"{split} bpc {result[f'{split}_bpc']:.4f}")
+        print(f"{split} bpc {result[f'{split}_bpc']:.4f}", flush=True)
+    print(f"wrote {write_result(args.run_dir, result)}")
 
 
 def main(argv=None) -> None:

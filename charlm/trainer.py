@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from charlm.checkpoint import CheckpointError, RunCheckpoints, RunStopped
 from charlm.config import Config
-from charlm.data import DataError, category_spans, with_dataset
+from charlm.data import DataError, category_spans, dataset_fingerprint, with_dataset
 from charlm.gpu import GPUMonitor
 from charlm.loader import BatchLoader, splitmix64
 from charlm.memory import MemoryPlan, cap_process_memory, device_capacity_bytes, format_oom, plan_memory
@@ -83,6 +83,7 @@ class Trainer:
         cap_process_memory(self.device, cfg.max_memory_gb)
         self.plan = plan_memory(cfg, device_capacity_bytes(self.device, cfg.max_memory_gb), ctx.world_size)
         cfg.extra["memory_plan"] = dataclasses.asdict(self.plan)
+        cfg.extra["dataset_sha256"] = dataset_fingerprint(self.meta)
         self._build_model()
         self.autocast = autocast(cfg.dtype, self.device)
         self._build_loaders()
@@ -205,9 +206,19 @@ class Trainer:
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{path}: its optimizer state does not fit this model ({e})") from e
         self.step, self.best_val_bpc = state["step"], state["best_val_bpc"]
+        self._check_same_dataset(path, state)
         if not self.quiet:
             print(f"resumed {self.run_dir} at step {self.step} from {path.name}")
         return True
+
+    def _check_same_dataset(self, path: Path, state: dict) -> None:
+        """A run resumes only on the data it was trained on: a dataset prepared again from other content
+        under the same name is refused."""
+        saved = state["config"].get("extra", {}).get("dataset_sha256")
+        if saved is not None and saved != self.cfg.extra["dataset_sha256"]:
+            raise RunStopped(f"{self.cfg.dataset_dir} has changed since {path} was written (dataset fingerprint "
+                             f"{saved[:12]} then, {self.cfg.extra['dataset_sha256'][:12]} now): prepare the "
+                             f"original data again, or start a new run with another --out-dir")
 
     def check_ranks_agree_on_step(self) -> None:
         """Every rank must start from the same checkpoint: across nodes, --out-dir must be shared storage."""
@@ -350,15 +361,23 @@ class Trainer:
         return row
 
 
+def check_paths(cfg: Config) -> None:
+    """The run folder and --init-from checked before any expensive work."""
+    if cfg.run_dir.exists() and not cfg.run_dir.is_dir():
+        raise ValueError(f"--out-dir {cfg.run_dir}: is a file, expected a run folder")
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        raise CheckpointError(f"--init-from {cfg.init_from}: no such checkpoint file")
+
+
 def train(cfg: Config, ctx: DistContext = SINGLE_PROCESS) -> Trainer:
     """Train a run to the end: resumed with cfg.resume, from cfg.init_from's weights, or from scratch."""
+    check_paths(cfg)
+    if cfg.resume and not cfg.run_dir.exists():
+        ctx.print(f"--resume: {cfg.run_dir} holds no run yet; starting it at step 0")
+    start = RunCheckpoints(cfg.run_dir, cfg, ctx.is_master).starting_point()
     trainer = Trainer(cfg, ctx)
-    existing = trainer.checkpoints.latest() is not None
-    if cfg.resume and existing:
+    if start is not None:
         trainer.resume()
-    elif existing:
-        raise ValueError(f"{trainer.run_dir} already holds checkpoints: pass --resume to continue it, "
-                         f"or choose another --out-dir")
     elif cfg.init_from:
         trainer.init_from(Path(cfg.init_from))
     trainer.check_ranks_agree_on_step()

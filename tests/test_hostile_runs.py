@@ -1,0 +1,233 @@
+"""Hostile input to runs: what is loaded from disk never runs code, nothing outside the run folder is touched,
+and no run's history is wiped without the user saying so. 53 cases:
+
+- 4 crafted pickles, through charlm.eval, charlm.sample, --resume and --init-from (none runs its payload);
+- 4 damaged manifests (absolute path, ../ path, a non-integer step, not JSON): nothing outside the run folder
+  is deleted, the checkpoints are found from their files;
+- 3 history guards: a missing manifest with --resume, and without it; metrics without checkpoints;
+- 2 --overwrite cases (starts over; excludes --resume);
+- 3 resumes that must refuse or say so: every checkpoint corrupt, a folder that does not exist, another dataset;
+- 3 non-finite checkpoints (resume, init-from, eval);
+- 3 eval cases: --batch-size -1, --stride -1, a write that fails after the figures are printed;
+- 4 path flags: --init-from missing, --out-dir a file, config.json not JSON, config.json of the wrong type;
+- 27 numeric and choice flags at 0, negative, nan, inf, overflow or an unknown value (one error line each).
+Every refusal is one `error: ...` line naming the file or flag, and a non-zero exit.
+"""
+import json
+import math
+import pickle
+
+import pytest
+import torch
+
+from charlm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from charlm.data import prepare
+from charlm.eval import main as eval_main
+from charlm.sample import main as sample_main
+from charlm.train import main as train_main
+
+pytestmark = pytest.mark.integration
+
+
+def run_args(tiny_dataset, run, *extra, iters=4):
+    root, name = tiny_dataset
+    return ["--preset", "tiny", "--dataset", name, "--data-root", str(root), "--out-dir", str(run), "--device",
+            "cpu", "--batch-size", "4", "--max-iters", str(iters), "--eval-interval", "2", "--eval-iters", "1",
+            "--log-interval", "1", "--keep-checkpoints", "5", *extra]
+
+
+@pytest.fixture
+def trained(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    train_main(run_args(tiny_dataset, run))
+    return run
+
+
+def refuses(main, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    text = str(exit_info.value.code)
+    assert text.startswith("error: ") and "\n" not in text.strip() or "out of memory" in text, text
+    assert message in text, text
+    return text
+
+
+class Payload:
+    """A pickle that, loaded with pickle's full powers, creates a file (a stand-in for a shell command)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant_pickle(path, marker):
+    with open(path, "wb") as f:
+        pickle.dump({"format": 1, "step": 4, "model": Payload(marker)}, f)
+
+
+@pytest.mark.parametrize("entry", ["eval", "sample", "resume", "init_from"])
+def test_a_planted_pickle_never_runs(trained, tiny_dataset, tmp_path, entry):
+    marker = tmp_path / "pwned"
+    ckpt = latest_checkpoint(trained)
+    plant_pickle(ckpt, marker)
+    if entry == "eval":
+        refuses(eval_main, [str(trained), "--checkpoint", str(ckpt)], "not a readable charlm checkpoint")
+    elif entry == "sample":
+        (trained / "checkpoints.json").unlink()  # found from the files, each checked by loading it
+        for other in trained.glob("ckpt_*.pt"):
+            plant_pickle(other, marker)
+        refuses(sample_main, [str(trained)], "no checkpoint found")
+    elif entry == "resume":
+        (trained / "checkpoints.json").unlink()
+        for other in trained.glob("ckpt_*.pt"):
+            plant_pickle(other, marker)
+        refuses(train_main, run_args(tiny_dataset, trained, "--resume", iters=6), "no checkpoint in")
+    else:
+        refuses(train_main, run_args(tiny_dataset, tmp_path / "fine", "--init-from", str(ckpt)),
+                "not a readable charlm checkpoint")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("bad_file", ["ABSOLUTE", "../../victim", "STEP", "NOT-JSON"])
+def test_a_damaged_manifest_touches_nothing_outside_and_is_rebuilt(trained, tiny_dataset, tmp_path, bad_file):
+    victim = tmp_path / "victim"
+    victim.write_text("the user's file")
+    manifest_path = trained / "checkpoints.json"
+    if bad_file == "NOT-JSON":
+        manifest_path.write_text("{ torn")
+    else:
+        manifest = json.loads(manifest_path.read_text())
+        entry = manifest["checkpoints"][0]
+        if bad_file == "STEP":
+            entry["step"] = "two"
+        else:
+            entry["file"] = str(victim) if bad_file == "ABSOLUTE" else bad_file
+        manifest_path.write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="damaged"):
+        train_main(run_args(tiny_dataset, trained, "--resume", "--keep-checkpoints", "1", iters=6))
+    assert victim.read_text() == "the user's file"
+    assert [p.name for p in trained.glob("ckpt_*.pt")] == ["ckpt_00000006.pt"]
+    assert json.loads(manifest_path.read_text())["checkpoints"][0]["file"] == "ckpt_00000006.pt"
+    steps = [json.loads(line)["step"] for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # resumed at 4 from the files, not restarted at 0
+
+
+def test_a_missing_manifest_still_guards_and_resumes(trained, tiny_dataset):
+    (trained / "checkpoints.json").unlink()
+    refuses(train_main, run_args(tiny_dataset, trained), "already holds checkpoints")
+    train_main(run_args(tiny_dataset, trained, "--resume", iters=6))
+    assert load_checkpoint(latest_checkpoint(trained))["step"] == 6
+    assert [json.loads(line)["step"] for line in (trained / "metrics.jsonl").read_text().splitlines()][:4] == [1, 2, 3, 4]
+
+
+def test_metrics_without_checkpoints_are_history_too(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = "".join(json.dumps({"step": s, "train_loss": 1.0, "train_bpc": 1.4}) + "\n" for s in (1, 2))
+    (run / "metrics.jsonl").write_text(rows)
+    refuses(train_main, run_args(tiny_dataset, run), "already holds a training history (metrics.jsonl)")
+    assert (run / "metrics.jsonl").read_text() == rows
+
+
+def test_overwrite_starts_over_and_excludes_resume(trained, tiny_dataset):
+    refuses(train_main, run_args(tiny_dataset, trained, "--overwrite", "--resume"), "exclude each other")
+    train_main(run_args(tiny_dataset, trained, "--overwrite", iters=2))
+    assert sorted(p.name for p in trained.glob("ckpt_*.pt")) == ["ckpt_00000002.pt"]
+    assert [json.loads(line)["step"] for line in (trained / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resume_with_every_checkpoint_corrupt_refuses_and_keeps_the_history(trained, tiny_dataset):
+    history = (trained / "metrics.jsonl").read_text()
+    for ckpt in trained.glob("ckpt_*.pt"):
+        ckpt.write_bytes(b"torn")
+    refuses(train_main, run_args(tiny_dataset, trained, "--resume", iters=6), "refusing to start over its history")
+    assert (trained / "metrics.jsonl").read_text() == history
+
+
+def test_resume_of_a_folder_that_does_not_exist_says_so(tiny_dataset, tmp_path, capsys):
+    train_main(run_args(tiny_dataset, tmp_path / "new", "--resume", iters=2))
+    assert "holds no run yet; starting it at step 0" in capsys.readouterr().out
+
+
+def test_resume_on_a_dataset_prepared_again_from_other_content_refuses(tiny_dataset, tmp_path):
+    root, _ = tiny_dataset
+    data = bytes(range(32, 127)) * 300
+    prepare(data, root / "swapped", "bytes", {"name": "swapped"})
+    run = tmp_path / "run"
+    train_main(run_args((root, "swapped"), run))
+    prepare(data[::-1], root / "swapped", "bytes", {"name": "swapped"})
+    refuses(train_main, run_args((root, "swapped"), run, "--resume", iters=6), "has changed since")
+
+
+def poison(run):
+    path = latest_checkpoint(run)
+    state = load_checkpoint(path)
+    name = next(iter(state["model"]))
+    state["model"][name] = torch.full_like(state["model"][name], math.nan)
+    save_checkpoint(run, state.pop("step"), state, keep=5)
+    return path
+
+
+@pytest.mark.parametrize("entry", ["resume", "init_from", "eval"])
+def test_non_finite_weights_are_refused_on_load(trained, tiny_dataset, tmp_path, entry):
+    path = poison(trained)
+    if entry == "resume":
+        refuses(train_main, run_args(tiny_dataset, trained, "--resume", iters=6), "non-finite weights")
+    elif entry == "init_from":
+        refuses(train_main, run_args(tiny_dataset, tmp_path / "fine", "--init-from", str(path)), "non-finite weights")
+    else:
+        refuses(eval_main, [str(trained)], "non-finite weights")
+        assert not (trained / "eval.json").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [("--batch-size", "-1", "--batch-size must be at least 1"),
+                                                  ("--stride", "-1", "--stride 0")])
+def test_eval_refuses_bad_flags_before_scoring(trained, flag, value, message):
+    refuses(eval_main, [str(trained), flag, value], message)
+    assert not (trained / "eval.json").exists()
+
+
+def test_eval_prints_its_figures_before_a_failed_write(trained, monkeypatch, capsys):
+    import charlm.eval
+
+    def full_disk(path, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(charlm.eval, "atomic_write_text", full_disk)
+    refuses(eval_main, [str(trained)], f"could not write {trained / 'eval.json'}")
+    out = capsys.readouterr().out
+    assert "val bpc" in out and "test bpc" in out
+
+
+def test_path_flags_and_config_files_are_named(trained, tiny_dataset, tmp_path):
+    refuses(train_main, run_args(tiny_dataset, tmp_path / "a", "--init-from", str(tmp_path / "nope.pt")),
+            f"--init-from {tmp_path / 'nope.pt'}: no such checkpoint file")
+    (tmp_path / "file").write_text("x")
+    refuses(train_main, run_args(tiny_dataset, tmp_path / "file"), "is a file, expected a run folder")
+    config = trained / "config.json"
+    config.write_text("{ torn")
+    refuses(train_main, run_args(tiny_dataset, trained, "--resume"), f"{config}: not a JSON config")
+    config.write_text("[1, 2]")
+    refuses(train_main, run_args(tiny_dataset, trained, "--resume"), f"{config}: expected a JSON object")
+
+
+@pytest.mark.parametrize("flag, value, field", [
+    ("--n-head", "0", "n_head"), ("--n-embd", "0", "n_embd"), ("--n-embd", "-64", "n_embd"),
+    ("--n-layer", "0", "n_layer"), ("--block-size", "-1", "block_size"), ("--tipa-max", "0", "tipa_max"),
+    ("--rope-theta", "0", "rope_theta"), ("--rope-theta", "-1", "rope_theta"), ("--rope-theta", "nan", "rope_theta"),
+    ("--tipa-lambda", "nan", "tipa_lambda"), ("--tipa-lambda", "-0.5", "tipa_lambda"),
+    ("--learning-rate", "inf", "learning_rate"), ("--learning-rate", "nan", "learning_rate"),
+    ("--learning-rate", "0", "learning_rate"), ("--micro-batch-size", "-1", "micro_batch_size"),
+    ("--eval-iters", "100000000", "eval_iters"), ("--eval-iters", "0", "eval_iters"),
+    ("--seed", str(2**64), "seed"), ("--seed", "-1", "seed"), ("--dropout", "nan", "dropout"),
+    ("--dropout", "1", "dropout"), ("--max-memory-gb", "-1", "max_memory_gb"),
+    ("--max-memory-gb", "nan", "max_memory_gb"), ("--grad-clip", "inf", "grad_clip"),
+    ("--checkpoint-layers", "-2", "checkpoint_layers"), ("--keep-checkpoints", "0", "keep_checkpoints"),
+    ("--device", "foo", "--device 'foo'"),
+])
+def test_bad_numbers_and_choices_are_one_line_naming_the_flag(tiny_dataset, tmp_path, flag, value, field):
+    run = tmp_path / "run"
+    refuses(train_main, run_args(tiny_dataset, run, flag, value), field)
+    assert not run.exists()  # refused before the run folder was made
