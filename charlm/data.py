@@ -7,14 +7,15 @@
 
 A dataset folder holds train.bin, val.bin, test.bin (raw tokens, no header: uint8 for `bytes`, uint16
 for `unicode`) and meta.json. It is written under a temporary name and renamed when complete, so a
-crash never leaves a half-written dataset.
+crash never leaves a half-written dataset; writers of one dataset take turns, and the next one removes
+what a killed writer left. A prepared file is never rewritten in place: a run that memory-maps it keeps
+reading it (truncating a mapped file would kill the reader with SIGBUS), so do not edit prepared files.
 """
 import argparse
 import hashlib
 import http.client
 import json
-import sys
-import tempfile
+import re
 import urllib.error
 import urllib.request
 import zipfile
@@ -23,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from charlm import cli
 from charlm.errors import CharlmError
-from charlm.io import atomic_dir, atomic_write_text
+from charlm.io import (atomic_dir, atomic_write, atomic_write_text, check_replaceable_dir, exclusive_lock,
+                       lock_path, remove_stale_temporaries)
 
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_BYTES = 100_000_000
@@ -33,6 +36,8 @@ DOWNLOAD_TIMEOUT_S = 60  # per blocking read: a stalled connection fails instead
 SPLIT_FRACTIONS = (0.9, 0.05, 0.05)  # for enwik8's 100M bytes: 90M / 5M / 5M, the standard split
 SPLITS = ("train", "val", "test")
 FORMAT = 1
+TOKEN_DTYPES = {"bytes": "uint8", "unicode": "uint16"}  # tokenization -> token dtype
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # one folder name: no '/', not '.' or '..', not hidden
 
 
 class DataError(CharlmError, ValueError):
@@ -42,6 +47,8 @@ class DataError(CharlmError, ValueError):
 def read_source(path: Path) -> bytes:
     """The bytes of a text file, or of the single member of a zip archive."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory: expected a text file or a zip archive")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     with open(path, "rb") as f:
@@ -68,24 +75,23 @@ def download(url: str, dest: Path) -> Path:
     """Download url to dest with a progress bar; the file appears under its name only when complete."""
     from tqdm import tqdm
 
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", delete=False) as tmp:
+    def fetch(f) -> None:
         try:
             with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
                 total = int(resp.headers.get("Content-Length") or 0) or None
                 with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {url}") as bar:
                     while chunk := resp.read(1 << 20):
-                        tmp.write(chunk)
+                        f.write(chunk)
                         bar.update(len(chunk))
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
             # no network, a wrong URL, a refused, reset, stalled or truncated transfer (a full disk is not one)
-            Path(tmp.name).unlink(missing_ok=True)
             raise DataError(f"could not download {url}: {e!r}; with a local copy, pass --from-file PATH") from e
-        except BaseException:
-            Path(tmp.name).unlink(missing_ok=True)
-            raise
-    Path(tmp.name).replace(dest)
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(lock_path(dest), f"downloading {dest}"):
+        remove_stale_temporaries(dest.parent, dest.name)  # of a killed download
+        atomic_write(dest, fetch)
     return dest
 
 
@@ -154,12 +160,19 @@ def decode_tokens(ids, meta: dict) -> str:
 
 
 def load_meta(data_dir: Path) -> dict:
-    """A prepared dataset's meta.json, checked against its token files."""
+    """A prepared dataset's meta.json, checked, and checked against its token files. The token files are
+    memory-mapped by readers: they must not be modified while a run reads them (a truncated mapped file
+    kills the reader with SIGBUS); charlm.data only ever replaces the whole folder."""
     data_dir = Path(data_dir)
     meta_path = data_dir / "meta.json"
     if not meta_path.is_file():
         raise DataError(f"no prepared dataset at {data_dir}: prepare it with `{prepare_command(data_dir)}`")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_bytes())
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise DataError(f"{meta_path}: expected the JSON that charlm.data writes, got unreadable text ({e}); "
+                        f"prepare it again with `{prepare_command(data_dir)}`") from e
+    check_meta(meta, meta_path)
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split, n in meta["splits"].items():
         path = data_dir / f"{split}.bin"
@@ -170,8 +183,44 @@ def load_meta(data_dir: Path) -> dict:
     return meta
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_meta(meta, path: Path) -> None:
+    """What charlm relies on in a meta.json: a DataError names the file, what was expected and what it holds."""
+    def expect(ok: bool, message: str) -> None:
+        if not ok:
+            raise DataError(f"{path}: {message}")
+
+    expect(isinstance(meta, dict), f"expected a JSON object, got a {type(meta).__name__}")
+    keys = ("format", "tokenization", "dtype", "vocab_size", "splits", "source")
+    missing = [k for k in keys if k not in meta]
+    expect(not missing, f"expected the keys {', '.join(keys)}; missing {', '.join(missing)}")
+    kinds = (meta["format"], meta["tokenization"], meta["dtype"])
+    expect(_is_int(meta["format"]) and kinds in [(FORMAT, t, d) for t, d in TOKEN_DTYPES.items()],
+           f"expected format {FORMAT} with tokenization/dtype bytes/uint8 or unicode/uint16, got "
+           f"format={kinds[0]!r}, tokenization={kinds[1]!r}, dtype={kinds[2]!r}")
+    vocab, chars = meta["vocab_size"], meta.get("chars")
+    if meta["tokenization"] == "bytes":
+        expect(_is_int(vocab) and vocab == 256, f"bytes tokenization has vocab_size 256, got {vocab!r}")
+    else:
+        expect(_is_int(vocab) and 1 <= vocab <= 1 << 16, f"expected vocab_size in 1..65536, got {vocab!r}")
+        listed = isinstance(chars, list) and all(_is_int(c) and 0 <= c <= 0x10FFFF for c in chars)
+        got = f"{len(chars)} entries" if isinstance(chars, list) else repr(chars)
+        expect(listed and len(chars) == vocab, f"expected chars to list vocab_size = {vocab} code points "
+                                               f"(ints in 0..0x10FFFF), got {got}")
+    splits = meta["splits"]
+    expect(isinstance(splits, dict) and splits and set(splits) <= set(SPLITS),
+           f"expected splits to map some of {', '.join(SPLITS)} to token counts, got {splits!r}")
+    for split, n in splits.items():
+        expect(_is_int(n) and n >= 0, f"expected a token count >= 0 for split {split!r}, got {n!r}")
+    expect(isinstance(meta["source"], dict), f"expected source to be an object, got {meta['source']!r}")
+
+
 def split_tokens(data_dir: Path, split: str, meta: dict) -> np.ndarray:
-    """A split's tokens, memory-mapped read-only (the file must not change while it is mapped)."""
+    """A split's tokens, memory-mapped read-only: the file must not be modified while it is mapped (see
+    load_meta)."""
     return np.memmap(Path(data_dir) / f"{split}.bin", dtype=meta["dtype"], mode="r")
 
 
@@ -241,12 +290,25 @@ def is_prepared(out_dir: Path, tokenization: str, expected_sha256: str | None) -
         meta = load_meta(out_dir)
     except DataError:
         return False
-    return meta["tokenization"] == tokenization and expected_sha256 in (None, meta["source"]["sha256"])
+    return meta["tokenization"] == tokenization and expected_sha256 in (None, meta["source"].get("sha256"))
+
+
+def dataset_dir(data_root: Path, name: str) -> Path:
+    """data_root/name, checked before any work: name is one folder name (nothing is written outside
+    data_root), and what is there is a dataset folder or nothing (a user's file or symlink is not replaced)."""
+    if not NAME.fullmatch(name):
+        raise DataError(f"invalid --name {name!r}: expected a folder name of at most 100 letters, digits, '.', "
+                        f"'_' or '-', starting with a letter or digit")
+    data_root = Path(data_root)
+    if data_root.exists() and not data_root.is_dir():
+        raise DataError(f"--data-root {data_root} is a file: expected a folder (or nothing, to create)")
+    check_replaceable_dir(data_root / name)
+    return data_root / name
 
 
 def prepare_enwik8(data_root: Path, tokenization: str = "bytes", from_file: Path | None = None,
                    url: str = ENWIK8_URL, name: str | None = None) -> Path:
-    out_dir = Path(data_root) / (name or ("enwik8" if tokenization == "bytes" else "enwik8-unicode"))
+    out_dir = dataset_dir(data_root, name or ("enwik8" if tokenization == "bytes" else "enwik8-unicode"))
     if is_prepared(out_dir, tokenization, ENWIK8_SHA256):
         print(f"{out_dir} is already prepared; nothing to do")
         return out_dir
@@ -270,7 +332,7 @@ def prepare_enwik8(data_root: Path, tokenization: str = "bytes", from_file: Path
 
 
 def prepare_text(path: Path, name: str, data_root: Path, tokenization: str = "bytes") -> Path:
-    out_dir = Path(data_root) / name
+    out_dir = dataset_dir(data_root, name)
     data = read_source(path)
     if is_prepared(out_dir, tokenization, sha256(data)):
         print(f"{out_dir} is already prepared from this file; nothing to do")
@@ -281,6 +343,10 @@ def prepare_text(path: Path, name: str, data_root: Path, tokenization: str = "by
 
 
 def main(argv=None) -> None:
+    cli.run(lambda: _main(argv))
+
+
+def _main(argv) -> None:
     parser = argparse.ArgumentParser(prog="python -m charlm.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -295,13 +361,10 @@ def main(argv=None) -> None:
         p.add_argument("--tokenization", choices=["bytes", "unicode"], default="bytes")
         p.add_argument("--data-root", type=Path, default=Path("data"))
     args = parser.parse_args(argv)
-    try:
-        if args.command == "enwik8":
-            prepare_enwik8(args.data_root, args.tokenization, args.from_file, args.url, args.name)
-        else:
-            prepare_text(args.path, args.name, args.data_root, args.tokenization)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    if args.command == "enwik8":
+        prepare_enwik8(args.data_root, args.tokenization, args.from_file, args.url, args.name)
+    else:
+        prepare_text(args.path, args.name, args.data_root, args.tokenization)
 
 
 if __name__ == "__main__":
