@@ -8,6 +8,7 @@ size or hash check is skipped with a warning and the previous one used. Checkpoi
 `torch.load(weights_only=True)`: tensors, numbers, strings and containers only, so a planted pickle
 cannot run code.
 """
+import contextlib
 import hashlib
 import json
 import pickle
@@ -19,7 +20,7 @@ import torch
 
 from charlm.config import Config, ModelConfig
 from charlm.errors import CharlmError
-from charlm.io import atomic_write, atomic_write_text
+from charlm.io import atomic_write, atomic_write_text, exclusive_lock, remove_stale_temporaries
 from charlm.runlog import METRICS, read_metrics
 
 MANIFEST = "checkpoints.json"
@@ -46,6 +47,8 @@ def _sha256(path: Path) -> str:
 CKPT_NAME = re.compile(r"ckpt_(\d{8,})\.pt")
 BEST = "best.pt"
 SHA256 = re.compile(r"[0-9a-f]{64}")
+LOCK = ".lock"  # held by the process training in the folder (charlm.io.exclusive_lock)
+TEMPORARY = re.compile(r"\.(.+)\.[^.]+\.tmp")  # .NAME.<random>.tmp: charlm.io.atomic_write's temporaries
 
 
 def _is_count(value) -> bool:
@@ -275,6 +278,18 @@ class RunCheckpoints:
         if history and self.is_master:
             self._clear(files)
         return None
+
+    @contextlib.contextmanager
+    def locked(self):
+        """The run folder, locked while this process trains in it (rank 0): a second trainer started on it
+        fails at once, naming the process that holds it. Temporaries that killed writes left are removed."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = exclusive_lock(self.run_dir / LOCK, f"run folder {self.run_dir}", blocking=False)
+        with lock:
+            names = {m[1] for p in self.run_dir.glob(".*.tmp") if (m := TEMPORARY.fullmatch(p.name))}
+            for name in sorted(names):
+                remove_stale_temporaries(self.run_dir, name)
+            yield
 
     def _clear(self, files: list[Path]) -> None:
         """Delete a run's checkpoints, manifest and metrics (--overwrite)."""

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,6 +233,8 @@ def _range_errors(cfg: Config) -> list[str]:
         (cfg.keep_checkpoints >= 1 and cfg.max_bad_steps >= 1 and cfg.ckpt_interval >= 0,
          "keep_checkpoints and max_bad_steps must be at least 1 and ckpt_interval non-negative"),
         (0 <= cfg.seed < 2**63, f"seed must be in [0, 2**63), got {cfg.seed}"),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None,
+         f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
         (not (cfg.resume and cfg.overwrite), "resume and overwrite exclude each other: continue the run, or start it over"),
         (cfg.eval_iters <= MAX_EVAL_ITERS, f"eval_iters must be at most {MAX_EVAL_ITERS} (an estimate on random "
                                            f"windows; python -m charlm.eval scores every character), got {cfg.eval_iters}"),

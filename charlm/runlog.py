@@ -13,11 +13,13 @@ METRICS = "metrics.jsonl"
 
 
 def _row_step(line: str) -> float:
-    """The step of a metrics line; a line torn by a crash mid-write counts as after every checkpoint."""
+    """The step of a metrics line; a line torn by a crash mid-write (or not charlm's) counts as after every
+    checkpoint, so truncation drops it."""
     try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        step = json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError, IndexError):
         return math.inf
+    return step if isinstance(step, int) and not isinstance(step, bool) else math.inf
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -374,15 +374,17 @@ def train(cfg: Config, ctx: DistContext = SINGLE_PROCESS) -> Trainer:
     check_paths(cfg)
     if cfg.resume and not cfg.run_dir.exists():
         ctx.print(f"--resume: {cfg.run_dir} holds no run yet; starting it at step 0")
-    start = RunCheckpoints(cfg.run_dir, cfg, ctx.is_master).starting_point()
-    trainer = Trainer(cfg, ctx)
-    if start is not None:
-        trainer.resume()
-    elif cfg.init_from:
-        trainer.init_from(Path(cfg.init_from))
-    trainer.check_ranks_agree_on_step()
-    try:
-        trainer.run()
-    except torch.cuda.OutOfMemoryError as e:
-        raise RunStopped(format_oom(trainer.plan, e)) from e
+    checkpoints = RunCheckpoints(cfg.run_dir, cfg, ctx.is_master)
+    with checkpoints.locked() if ctx.is_master else contextlib.nullcontext():
+        start = checkpoints.starting_point()
+        trainer = Trainer(cfg, ctx)
+        if start is not None:
+            trainer.resume()
+        elif cfg.init_from:
+            trainer.init_from(Path(cfg.init_from))
+        trainer.check_ranks_agree_on_step()
+        try:
+            trainer.run()
+        except torch.cuda.OutOfMemoryError as e:
+            raise RunStopped(format_oom(trainer.plan, e)) from e
     return trainer

@@ -1,5 +1,5 @@
 """Hostile input to runs: what is loaded from disk never runs code, nothing outside the run folder is touched,
-and no run's history is wiped without the user saying so. 53 cases:
+and no run's history is wiped without the user saying so. 56 cases:
 
 - 4 crafted pickles, through charlm.eval, charlm.sample, --resume and --init-from (none runs its payload);
 - 4 damaged manifests (absolute path, ../ path, a non-integer step, not JSON): nothing outside the run folder
@@ -10,12 +10,16 @@ and no run's history is wiped without the user saying so. 53 cases:
 - 3 non-finite checkpoints (resume, init-from, eval);
 - 3 eval cases: --batch-size -1, --stride -1, a write that fails after the figures are printed;
 - 4 path flags: --init-from missing, --out-dir a file, config.json not JSON, config.json of the wrong type;
-- 27 numeric and choice flags at 0, negative, nan, inf, overflow or an unknown value (one error line each).
+- 27 numeric and choice flags at 0, negative, nan, inf, overflow or an unknown value (one error line each);
+- a second trainer on a folder in use, temporaries of killed writes, malformed metrics lines.
 Every refusal is one `error: ...` line naming the file or flag, and a non-zero exit.
 """
 import json
 import math
 import pickle
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -225,9 +229,45 @@ def test_path_flags_and_config_files_are_named(trained, tiny_dataset, tmp_path):
     ("--dropout", "1", "dropout"), ("--max-memory-gb", "-1", "max_memory_gb"),
     ("--max-memory-gb", "nan", "max_memory_gb"), ("--grad-clip", "inf", "grad_clip"),
     ("--checkpoint-layers", "-2", "checkpoint_layers"), ("--keep-checkpoints", "0", "keep_checkpoints"),
-    ("--device", "foo", "--device 'foo'"),
+    ("--device", "foo", "device must be auto, cpu, cuda or cuda:N, got 'foo'"),
 ])
 def test_bad_numbers_and_choices_are_one_line_naming_the_flag(tiny_dataset, tmp_path, flag, value, field):
     run = tmp_path / "run"
     refuses(train_main, run_args(tiny_dataset, run, flag, value), field)
     assert not run.exists()  # refused before the run folder was made
+
+
+def test_a_second_trainer_on_a_running_folder_says_who_holds_it(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "charlm.train", *run_args(tiny_dataset, run, iters=100000)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").is_file():  # the first trainer holds the lock and has logged a step
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() else "slow"
+            time.sleep(0.2)
+        rows = (run / "metrics.jsonl").read_text()
+        refuses(train_main, run_args(tiny_dataset, run, "--resume"), f"is in use by pid {first.pid}")
+        assert (run / "metrics.jsonl").read_text().startswith(rows)  # the second one wrote nothing
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_temporaries_of_killed_writes_are_removed_by_the_next_run(trained, tiny_dataset):
+    stale = [trained / ".ckpt_00000006.pt.k1ll3d.tmp", trained / ".checkpoints.json.x9.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a write")
+    keep = trained / ".notes.tmp"  # not a charlm temporary
+    keep.write_text("the user's")
+    train_main(run_args(tiny_dataset, trained, "--resume", iters=6))
+    assert not any(p.exists() for p in stale) and keep.read_text() == "the user's"
+
+
+def test_malformed_metrics_lines_neither_stop_a_resume_nor_the_plot(trained, tiny_dataset):
+    with open(trained / "metrics.jsonl", "a") as f:
+        f.write('{"step": "x"}\n[1, 2]\n{torn\n')
+    train_main(run_args(tiny_dataset, trained, "--resume", iters=6))
+    steps = [json.loads(line)["step"] for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (trained / "curves.png").read_bytes()[:4] == b"\x89PNG"
