@@ -1,4 +1,4 @@
-"""Build script: maps kernels/ to ``charlm.kernels`` and builds the C++ loader through CMake.
+"""Build script: finds charlm's packages, maps kernels/ to ``charlm.kernels`` and builds the C++ loader through CMake.
 
 The C++ extension ``charlm._loader`` is configured by CMakeLists.txt (pybind11 + Ninja). Everything
 else is in pyproject.toml.
@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
@@ -44,7 +44,9 @@ class CMakeBuild(build_ext):
 has_loader_sources = any((ROOT / "csrc").glob("*.cpp"))
 
 setup(
-    packages=["charlm", "charlm.categorize", "charlm.kernels"],
+    # charlm/kernels is a git-ignored link to kernels/ in development checkouts: excluded here, mapped below.
+    packages=find_packages(include=["charlm", "charlm.*"], exclude=["charlm.kernels", "charlm.kernels.*"])
+    + ["charlm.kernels"],
     package_dir={"charlm": "charlm", "charlm.kernels": "kernels"},
     ext_modules=[CMakeExtension("charlm._loader")] if has_loader_sources else [],
     cmdclass={"build_ext": CMakeBuild},

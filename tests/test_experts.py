@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from charlm import experts
+from charlm.experts import run as experts_run, state as experts_state
+from charlm.experts.__main__ import main
 from charlm.categorize import categorize
 from charlm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from charlm.data import prepare
@@ -41,8 +43,12 @@ def scheme_args(dataset, out_dir, *extra, order=ORDER, iters=("--pre-iters", "4"
 def finished(dataset, tmp_path_factory):
     """A scheme run to the end: pre 4 steps, 3 fine-tunes of 2, post 2 from the top 2, control 8."""
     out = tmp_path_factory.mktemp("runs") / "scheme"
-    experts.main(scheme_args(dataset, out))
+    main(scheme_args(dataset, out))
     return out
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def step_of(run_dir):
@@ -94,7 +100,10 @@ def test_the_report_keeps_global_and_subset_val_apart(finished):
     assert control[1].strip() == str(4 + 3 * 2 + 2) and control[3].strip() == "—"
     assert rows["BASE (pre-trained)"][3].strip() == "—"
     science = rows["BASE + Expert Fine-Tune : Science (1/3)"]
-    assert all(float(cell) > 0 for cell in science[2:5])
+    recorded = json.loads((finished / "scheme.json").read_text())["stages"]["fine/01-science"]
+    assert [float(cell) for cell in science[2:5]] == pytest.approx(
+        [recorded[k] for k in ("val_bpc", "subset_val_bpc", "test_bpc")], abs=5e-5)  # each in its own column
+    assert recorded["subset_val_bpc"] != pytest.approx(recorded["val_bpc"], abs=5e-5)  # so a swap would show
     val = [float(r[2]) for r in rows.values()]
     assert val == sorted(val)  # the report's form: best first
     assert (finished / "finetune_curves.png").stat().st_size > 0
@@ -107,18 +116,26 @@ def test_the_fine_tuning_curves_follow_steps_from_scratch(finished, drawn):
     starts = [x[0] for x, *_ in train_curves]
     ends = [x[-1] for x, *_ in train_curves]
     assert ends == [4, 6, 8, 10] and starts[1:] == [5, 7, 9]  # each fine-tune continues the previous stage
+    stages = ["pre", "fine/01-science", "fine/02-sports-and-recreation", "fine/03-military-and-warfare"]
+    val_curves = drawn["plot"][1::2]
+    for stage, (train_x, train_y, _), (val_x, val_y, _) in zip(stages, train_curves, val_curves):
+        rows = metrics(finished / stage)
+        offset = train_x[0] - rows[0]["step"]
+        assert list(train_y) == [r["train_bpc"] for r in rows]  # fine-tunes: BPC on their own subset
+        assert list(val_x) == [offset + r["step"] for r in rows if "val_bpc" in r]
+        assert list(val_y) == [r["val_bpc"] for r in rows if "val_bpc" in r] and val_y  # the global val estimates
 
 
 def test_a_finished_scheme_reruns_without_training(finished, dataset, monkeypatch):
-    monkeypatch.setattr(experts, "train", lambda cfg: pytest.fail(f"retrained {cfg.out_dir}"))
-    monkeypatch.setattr(experts, "evaluate", lambda *a, **k: pytest.fail("re-evaluated"))
-    experts.main(scheme_args(dataset, finished))
+    monkeypatch.setattr(experts_run, "train", lambda cfg: pytest.fail(f"retrained {cfg.out_dir}"))
+    monkeypatch.setattr(experts_run, "evaluate", lambda *a, **k: pytest.fail("re-evaluated"))
+    main(scheme_args(dataset, finished))
 
 
 def test_an_interrupted_scheme_resumes_where_it_stopped(finished, dataset, tmp_path, monkeypatch, capsys):
     out = tmp_path / "scheme"
     args = scheme_args(dataset, out, "--top-k", "1", order=ORDER[:2], iters=("--from", str(finished / "pre")))
-    real_train = experts.train
+    real_train = experts_run.train
     from_eval = (finished / "pre" / "eval.json").stat().st_mtime_ns
 
     def interrupted(cfg, d):  # the second fine-tune stops after one of its two steps
@@ -129,16 +146,16 @@ def test_an_interrupted_scheme_resumes_where_it_stopped(finished, dataset, tmp_p
             raise KeyboardInterrupt
         return real_train(cfg, d)
 
-    monkeypatch.setattr(experts, "train", interrupted)
+    monkeypatch.setattr(experts_run, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        experts.main(args)
+        main(args)
     first = latest_checkpoint(out / "fine/01-science")
     mtime = first.stat().st_mtime_ns
     assert step_of(out / "fine/02-sports-and-recreation") == 1 and not (out / "control").exists()
 
-    monkeypatch.setattr(experts, "train", real_train)
+    monkeypatch.setattr(experts_run, "train", real_train)
     capsys.readouterr()
-    experts.main(args)
+    main(args)
     log = capsys.readouterr().out
     assert "fine/01-science: done (2 steps), skipped" in log and first.stat().st_mtime_ns == mtime
     assert "resumed" in log and step_of(out / "fine/02-sports-and-recreation") == 2
@@ -157,7 +174,7 @@ def test_a_retrained_stage_makes_the_later_ones_stale(finished, dataset, tmp_pat
     state["model"] = {k: v + 0.01 for k, v in state["model"].items()}  # as if retrained to other weights
     save_checkpoint(first, state.pop("step"), state)
     with pytest.raises(SystemExit, match="fine/02-sports-and-recreation was trained from other weights"):
-        experts.main(scheme_args(dataset, out))
+        main(scheme_args(dataset, out))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -170,26 +187,26 @@ def test_a_retrained_stage_makes_the_later_ones_stale(finished, dataset, tmp_pat
     (["--categories", "embed"], "python -m charlm.categorize topics --data-root .* --method embed"),
 ])
 def test_bad_arguments_fail_before_training(dataset, tmp_path, monkeypatch, change, message):
-    monkeypatch.setattr(experts, "train", lambda cfg, d: pytest.fail("trained"))
+    monkeypatch.setattr(experts_run, "train", lambda cfg, d: pytest.fail("trained"))
     with pytest.raises(SystemExit, match=message):
-        experts.main(scheme_args(dataset, tmp_path / "scheme") + change)
+        main(scheme_args(dataset, tmp_path / "scheme") + change)
     assert not (tmp_path / "scheme").exists()
 
 
 def test_other_settings_or_another_model_are_refused(finished, dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(experts, "train", lambda cfg, d: pytest.fail("trained"))
+    monkeypatch.setattr(experts_run, "train", lambda cfg, d: pytest.fail("trained"))
     with pytest.raises(SystemExit, match="fine_iters: 2 then, 3 now"):
-        experts.main(scheme_args(dataset, finished) + ["--fine-iters", "3"])
+        main(scheme_args(dataset, finished) + ["--fine-iters", "3"])
     with pytest.raises(SystemExit, match="n_embd is 64 there and 32 here"):
-        experts.main(scheme_args(dataset, tmp_path / "s", "--n-embd", "32", iters=("--from", str(finished / "pre"))))
+        main(scheme_args(dataset, tmp_path / "s", "--n-embd", "32", iters=("--from", str(finished / "pre"))))
 
 
 def test_a_redone_categorisation_is_refused(finished, dataset, monkeypatch):
     """Subsets sorted anew (another model or lexicon) under the same name would mix two schemes."""
-    monkeypatch.setattr(experts, "train", lambda cfg, d: pytest.fail("trained"))
-    monkeypatch.setattr(experts, "categorisation_sha256", lambda data_dir, name: "0" * 64)
+    monkeypatch.setattr(experts_run, "train", lambda cfg, d: pytest.fail("trained"))
+    monkeypatch.setattr(experts_state, "categorisation_sha256", lambda data_dir, name: "0" * 64)
     with pytest.raises(SystemExit, match=f"categories_sha256: '[0-9a-f]{{64}}' then, '{'0' * 64}' now"):
-        experts.main(scheme_args(dataset, finished))
+        main(scheme_args(dataset, finished))
 
 
 def test_subset_bpc_scores_each_span_as_a_document_of_its_own(finished, dataset):

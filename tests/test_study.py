@@ -4,14 +4,15 @@ Studies run on the generated corpus with the tiny preset on the CPU, a few steps
 """
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from charlm import study
+from charlm.study import plan, report, stats
+from charlm.study.__main__ import main, parse_args, plan_study
+from charlm.study.run import check_study_settings, run_config
 from charlm.eval import load_model, scoring_windows
 from charlm.tipa import reverse_positions
 from charlm.trainer import Trainer
@@ -62,21 +63,30 @@ HAND_CHECKED = {
 @pytest.mark.parametrize("name", list(HAND_CHECKED))
 def test_budget_becomes_steps_from_hand_counted_flops(tiny_dataset, name):
     root, data = tiny_dataset
-    c = study.plan_condition(name, 1e16, "flops", "", {"dataset": data, "data_root": str(root)})
+    c = plan.plan_condition(name, 1e16, "flops", "", {"dataset": data, "data_root": str(root)})
     deep = name.startswith("deep")
     n, flops = hand_count(32 if deep else 16, 512, 512 if deep else 256, tipa_classes=17 if name == "tipa" else 0)
     assert (n, flops) == HAND_CHECKED[name][:2]
     assert (c.params, c.flops_per_token, c.steps) == HAND_CHECKED[name]
     assert c.flops <= 1e16 < c.flops + c.tokens_per_step * c.flops_per_token  # rounded down: never over budget
-    tokens = study.plan_condition(name, 1e9, "tokens", "", {"dataset": data, "data_root": str(root)})
+    tokens = plan.plan_condition(name, 1e9, "tokens", "", {"dataset": data, "data_root": str(root)})
     assert tokens.steps == 1e9 // (64 * (512 if deep else 256))
 
 
 def test_plan_says_how_many_steps_each_condition_gets(tiny_dataset):
     root, data = tiny_dataset
     overrides = {"dataset": data, "data_root": str(root)}
-    plans = [study.plan_condition(n, 1e16, "flops", "", overrides) for n in ("base", "deep")]
-    assert "base gets 1,931 steps, deep gets 464 steps" in study.describe_plan(plans, 1e16, "flops")
+    plans = [plan.plan_condition(n, 1e16, "flops", "", overrides) for n in ("base", "deep")]
+    assert "base gets 1,931 steps, deep gets 464 steps" in plan.describe_plan(plans, 1e16, "flops")
+
+
+def test_model_flags_apply_to_every_condition_and_are_recorded(tiny_dataset, tmp_path):
+    args = parse_args(study_argv(tiny_dataset, tmp_path / "s", "base,deep", 2) + ["--n-layer", "1", "--n-embd", "32"])
+    conditions, settings = plan_study(args)
+    assert [(c.cfg.model.n_layer, c.cfg.model.n_embd) for c in conditions] == [(1, 32), (1, 32)]  # after the preset
+    assert [c.params for c in conditions] == [hand_count(1, 32, 64)[0]] * 2
+    assert (settings["n_layer"], settings["n_embd"]) == (1, 32)  # another depth in the same folder is refused
+    assert not {"out_dir", "plan_only"} & set(settings)  # the study's own flags: a moved folder still resumes
 
 
 @pytest.mark.parametrize("argv_extra, message", [
@@ -90,43 +100,44 @@ def test_plan_says_how_many_steps_each_condition_gets(tiny_dataset):
 ])
 def test_bad_input_fails_before_training(tiny_dataset, tmp_path, argv_extra, message):
     with pytest.raises(SystemExit, match=message):
-        study.main(study_argv(tiny_dataset, tmp_path / "s", "base", 2) + argv_extra)
+        main(study_argv(tiny_dataset, tmp_path / "s", "base", 2) + argv_extra)
     assert not (tmp_path / "s" / "runs").exists()
 
 
 def test_a_split_over_the_whole_run_is_refused(tiny_dataset, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        study.main(study_argv(tiny_dataset, tmp_path / "s", "base", 2) + ["--experts-split", "0.5,0.6,0.1"])
+        main(study_argv(tiny_dataset, tmp_path / "s", "base", 2) + ["--experts-split", "0.5,0.6,0.1"])
     assert "--experts-split 0.5,0.6,0.1: expected PRE,FINE,POST shares" in capsys.readouterr().err
 
 
-def test_experts_conditions_say_when_charlm_experts_is_missing(tiny_dataset, monkeypatch):
-    monkeypatch.setitem(sys.modules, "charlm.experts", None)  # importing it now fails as if it did not exist
-    root, data = tiny_dataset
-    with pytest.raises(study.StudyError, match="charlm.experts .issue 7., which is not available"):
-        study.plan_condition("experts:base", 1e16, "flops", "", {"dataset": data, "data_root": str(root)})
-
-
 def test_missing_unicode_enwik8_names_the_command(tmp_path):
-    with pytest.raises(study.StudyError, match="python -m charlm.data enwik8 --tokenization unicode"):
-        study.study_dataset("enwik8", str(tmp_path), "unicode")
+    with pytest.raises(plan.StudyError, match="python -m charlm.data enwik8 --tokenization unicode"):
+        plan.study_dataset("enwik8", str(tmp_path), "unicode")
 
 
 def test_a_study_folder_refuses_other_settings(tmp_path):
     settings = {"budget": 1e16, "budget_unit": "flops"}
-    study.check_study_settings(tmp_path, settings)
-    study.check_study_settings(tmp_path, settings)  # the same settings again: fine
-    with pytest.raises(study.StudyError, match="batch_size: unset there, 32 now; budget: 1e\\+16 there, 2e\\+16 now"):
-        study.check_study_settings(tmp_path, {**settings, "budget": 2e16, "batch_size": 32})
+    check_study_settings(tmp_path, settings)
+    check_study_settings(tmp_path, settings)  # the same settings again: fine
+    with pytest.raises(plan.StudyError, match="batch_size: unset there, 32 now; budget: 1e\\+16 there, 2e\\+16 now"):
+        check_study_settings(tmp_path, {**settings, "budget": 2e16, "batch_size": 32})
 
 
 # --- statistics and the table ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("df, expected", [(1, 12.7062047), (2, 4.3026527), (2.5, 3.5746548), (10, 2.2281389),
-                                          (30, 2.0422725), (1e6, 1.9599664)])
-def test_student_t_quantile_matches_tables(df, expected):
-    assert study.student_t_quantile(0.975, df) == pytest.approx(expected, abs=1e-6)
-    assert study.student_t_quantile(0.025, df) == pytest.approx(-expected, abs=1e-6)
+def test_welch_interval_matches_r_on_the_sleep_data():
+    """R's `t.test(extra ~ group, data = sleep)` (Welch by default): t = -1.8608, df = 17.776,
+    95 percent confidence interval -3.3654832 0.2054832, means 0.75 and 2.33."""
+    group1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
+    group2 = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4]
+    assert stats.welch_interval(group1, group2) == pytest.approx((0.75 - 2.33, -3.3654832, 0.2054832), abs=1e-7)
+    d, lo, hi = stats.welch_interval(group1, group2, level=0.99)
+    assert lo < -3.3654832 and hi > 0.2054832 and (lo + hi) / 2 == pytest.approx(d)  # wider, same centre
+
+
+def test_welch_interval_needs_two_seeds_a_side_and_collapses_without_spread():
+    assert stats.welch_interval([1.0, 2.0], [1.5]) == (pytest.approx(0.0), None, None)
+    assert stats.welch_interval([1.2, 1.2], [1.0, 1.0, 1.0]) == pytest.approx((0.2, 0.2, 0.2))
 
 
 def record(condition, seed, val, test):
@@ -138,13 +149,13 @@ def test_table_reports_mean_std_and_welch_interval():
     records = ([record("base", s, v, t) for s, (v, t) in enumerate([(1.1, 1.0), (1.3, 1.2), (1.5, 1.4)])]
                + [record("rope", s, v, t) for s, (v, t) in enumerate([(1.0, 0.9), (1.0, 1.0), (1.0, 1.1)])]
                + [record("tipa", 0, 1.35, 1.3)])
-    rows = study.summarize(records, "base")
+    rows = stats.summarize(records, "base")
     assert rows[0]["test_bpc"] == pytest.approx((1.2, 0.2))  # sample std of 1.0, 1.2, 1.4
     assert rows[1]["val_bpc"] == pytest.approx((1.0, 0.0))
     # rope - base: -0.2; se = sqrt(0.2^2/3 + 0.1^2/3) = 0.129099; Welch df = 2.9412; t(0.975, 2.9412) = 3.21887
     d, lo, hi = rows[1]["diff"]
     assert (d, lo, hi) == pytest.approx((-0.2, -0.2 - 3.21887 * 0.129099, -0.2 + 3.21887 * 0.129099), abs=1e-4)
-    table = study.format_table(rows, "base").splitlines()
+    table = report.format_table(rows, "base").splitlines()
     assert table[0] == ("| condition | params | steps | tokens | seeds | val BPC | test BPC | "
                         "Δ test BPC vs base (95% CI) |")
     assert table[2] == "| base | 132.9k | 20 | 10.2k | 3 | 1.3000 ± 0.2000 | 1.2000 ± 0.2000 | (reference) |"
@@ -156,7 +167,7 @@ def test_table_reports_mean_std_and_welch_interval():
 def test_plot_draws_mean_and_band(tmp_path, drawn):
     curves = {"base": [([1e9, 2e9, 3e9], [4.0, 3.5, 3.2]), ([1e9, 2e9, 3e9], [4.1, 3.4, 3.3])],
               "deep": [([2e9, 3e9], [3.9, 3.1])]}
-    path = study.plot_results(curves, tmp_path / "results.png")
+    path = report.plot_results(curves, tmp_path / "results.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (base_x, base_mean, _), (deep_x, deep_mean, _) = drawn["plot"]
     assert list(base_x) == [1e9, 2e9, 3e9] and list(base_mean) == pytest.approx([4.05, 3.45, 3.25])
@@ -168,10 +179,10 @@ def test_plot_draws_mean_and_band(tmp_path, drawn):
 # --- whole studies --------------------------------------------------------------------------------
 
 @pytest.mark.integration
-def test_rerun_skips_finished_runs_and_resumes_interrupted_ones(tiny_dataset, tmp_path, capsys):
+def test_rerun_skips_finished_runs_and_resumes_interrupted_ones(tiny_dataset, tmp_path, capsys, drawn):
     out = tmp_path / "study"
     argv = study_argv(tiny_dataset, out, "base,rope", 8, "--eval-interval", "4")
-    study.main(argv + ["--only", "base:0"])  # one job of a multi-GPU user
+    main(argv + ["--only", "base:0"])  # one job of a multi-GPU user
     base = out / "runs" / "base-s0"
     done = {p.name: p.stat().st_mtime_ns for p in base.iterdir()}
     assert "result.json" in done and not (out / "results.md").exists()
@@ -180,11 +191,11 @@ def test_rerun_skips_finished_runs_and_resumes_interrupted_ones(tiny_dataset, tm
     root, name = tiny_dataset
     overrides = {"dataset": name, "data_root": str(root), "batch_size": 8, "eval_iters": 2, "eval_interval": 4,
                  "device": "cpu", "compile": False}
-    rope = study.plan_condition("rope", 8 * TOKENS_PER_STEP, "tokens", "tiny", overrides)
-    Trainer(study.run_config(rope, 0, out)).run(until=4)
+    rope = plan.plan_condition("rope", 8 * TOKENS_PER_STEP, "tokens", "tiny", overrides)
+    Trainer(run_config(rope, 0, out)).run(until=4)
     capsys.readouterr()
 
-    study.main(argv)
+    main(argv)
     printed = capsys.readouterr().out
     assert "base seed 0: done before, skipped" in printed
     assert "resumed" in printed and "at step 4" in printed
@@ -194,12 +205,21 @@ def test_rerun_skips_finished_runs_and_resumes_interrupted_ones(tiny_dataset, tm
     assert "| base | 132.9k | 8 | 4.1k | 1 |" in printed and "| rope | 132.9k | 8 | 4.1k | 1 |" in printed
     assert (out / "results.md").read_text().count("| rope-s0 |") == 1
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    *_, (base_x, base_y, _), (rope_x, rope_y, _) = drawn["plot"]  # the figure is drawn last: one line per condition
+    for run, (x, y) in (("base-s0", (base_x, base_y)), ("rope-s0", (rope_x, rope_y))):
+        result = json.loads((out / "runs" / run / "result.json").read_text())
+        flops_per_step = result["flops_per_token"] * result["tokens_per_step"]
+        val = [r for r in metrics(out / "runs" / run) if "val_bpc" in r]
+        assert list(x) == pytest.approx([r["step"] * flops_per_step for r in val])  # steps 4 and 8, in FLOPs
+        assert list(y) == pytest.approx([r["val_bpc"] for r in val])  # one seed: its curve is the mean
+        assert f"| {run} | step {result['checkpoint_step']} ({result['selection']}) | {result['val_bpc']:.4f} " \
+               f"| {result['test_bpc']:.4f} |" in (out / "results.md").read_text()
 
 
 @pytest.mark.integration
 def test_tipa_bpc_counts_next_character_loss_only(tiny_dataset, tmp_path):
     out, lam = tmp_path / "study", 10.0
-    study.main(study_argv(tiny_dataset, out, "tipa", 6, "--tipa-lambda", str(lam)))
+    main(study_argv(tiny_dataset, out, "tipa", 6, "--tipa-lambda", str(lam)))
     run = out / "runs" / "tipa-s0"
     result = json.loads((run / "result.json").read_text())
 
@@ -224,6 +244,7 @@ def test_tipa_bpc_counts_next_character_loss_only(tiny_dataset, tmp_path):
     assert result["val_bpc"] == pytest.approx(next_char_only, rel=1e-5)
     assert with_auxiliary - next_char_only > 1.0  # so the check above would fail if the auxiliary loss counted
     assert f"{result['val_bpc']:.4f} ± n/a" in (out / "results.md").read_text()
+    assert stats.describe_statistics("tipa") in (out / "results.md").read_text()  # the one reference: tipa
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +265,7 @@ def topic_dataset(tmp_path_factory):
 def test_experts_rows_come_from_the_scheme_at_equal_compute(topic_dataset, tmp_path, capsys):
     out = tmp_path / "study"
     order = "Science,Sports and Recreation,Military and Warfare"
-    study.main(study_argv(topic_dataset, out, "base,experts:base", 20, "--experts-order", order))
+    main(study_argv(topic_dataset, out, "base,experts:base", 20, "--experts-order", order))
     assert "experts:base: pre-training 10 + 3 fine-tunes x 2 + post-training 2 steps" in capsys.readouterr().out
     run = out / "runs" / "experts-base-s0"
     result = json.loads((run / "result.json").read_text())
@@ -255,4 +276,11 @@ def test_experts_rows_come_from_the_scheme_at_equal_compute(topic_dataset, tmp_p
     assert (result["val_bpc"], result["test_bpc"]) == (post["val_bpc"], post["test_bpc"])
     assert result["checkpoint_step"] == post["steps_total"]
     assert [stage for stage, _ in result["curve"]][0] == "pre" and result["curve"][-1][1] == post["steps_total"] - 2
-    assert "| experts:base |" in (out / "results.md").read_text()
+    fine = [name for name, r in state["stages"].items() if r["kind"] == "fine"]
+    lineage = ["pre", *fine[:fine.index(chosen) + 1], "post/" + chosen.split("-", 1)[1]]
+    assert result["curve"] == [[name, state["stages"][name]["steps_total"] - state["stages"][name]["iters"]]
+                               for name in lineage]  # the chosen expert's path, each stage after the one before
+    row, = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| experts:base |")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[2] == "18" and cells[4] == "1"
+    assert cells[5:7] == [f"{result['val_bpc']:.4f} ± n/a", f"{result['test_bpc']:.4f} ± n/a"]
