@@ -5,6 +5,7 @@ hyperparameters. TensorBoard needs the `tensorboard` package (`pip install -e ".
 `wandb` package; `WANDB_MODE=offline` keeps W&B's files in the run folder without a network.
 """
 import contextlib
+import importlib
 import numbers
 from pathlib import Path
 
@@ -23,14 +24,19 @@ def hyperparameters(cfg: Config) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 
 
+def _require(module: str, flag: str, install: str):
+    """An optional package's module, or a one-line error saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"--logger {flag} needs the {flag} package: {install}") from e
+
+
 class TensorBoardLogger:
     def __init__(self, run_dir: Path, cfg: Config, start_step: int):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            from torch.utils.tensorboard.summary import hparams
-        except ImportError as e:
-            raise ValueError("--logger tensorboard needs the tensorboard package: "
-                             "pip install -e \".[tensorboard]\"") from e
+        tensorboard = _require("torch.utils.tensorboard", "tensorboard", "pip install -e \".[tensorboard]\"")
+        from torch.utils.tensorboard.summary import hparams
+        SummaryWriter = tensorboard.SummaryWriter
         # purge_step: a resumed run drops the events after the checkpoint it resumes from, as metrics.jsonl does
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start_step or None)
         for summary in hparams(hyperparameters(cfg), {}):
@@ -47,12 +53,7 @@ class TensorBoardLogger:
 
 class WandbLogger:
     def __init__(self, run_dir: Path, cfg: Config, start_step: int):
-        try:
-            import wandb
-        except ImportError as e:
-            raise ValueError("--logger wandb needs the wandb package: pip install wandb "
-                             "(WANDB_MODE=offline works without a network)") from e
-        self.wandb = wandb
+        wandb = _require("wandb", "wandb", "pip install wandb (WANDB_MODE=offline works without a network)")
         self.run = wandb.init(project="charlm", name=Path(run_dir).name, dir=str(run_dir),
                               config=hyperparameters(cfg), resume="allow")
 

@@ -10,15 +10,13 @@ from charlm.config import Config
 from charlm.console import format_row
 from charlm.train import main as train_main
 from charlm.trainer import lr_at
+from runs import train_args
 
 pytestmark = pytest.mark.integration
 
 
 def run_args(tiny_dataset, run, *extra, iters=6):
-    root, name = tiny_dataset
-    return ["--preset", "tiny", "--dataset", name, "--data-root", str(root), "--out-dir", str(run), "--device",
-            "cpu", "--batch-size", "4", "--max-iters", str(iters), "--eval-interval", "3", "--eval-iters", "1",
-            "--log-interval", "1", "--warmup-iters", "2", *extra]
+    return train_args(tiny_dataset, run, *extra, iters=iters, eval_interval=3, warmup_iters=2)
 
 
 def charlm(*args, **kwargs) -> subprocess.CompletedProcess:
