@@ -303,8 +303,8 @@ class Trainer:
         row = {"step": self.step, "train_loss": train_loss, "train_bpc": bits_per_char(train_loss),
                "lr": lr_at(self.step - 1, self.cfg), "tokens_per_s": tokens / seconds,
                "peak_mem_gb": peak_memory_gb(self.device), **monitor.snapshot()}
-        if self.peak_flops:
-            row["mfu"] = self.flops_per_token * tokens / seconds / self.peak_flops
+        if self.peak_flops:  # tokens of the global batch, so the peak of every rank's GPU
+            row["mfu"] = self.flops_per_token * tokens / seconds / (self.peak_flops * self.ctx.world_size)
         if tipa_loss is not None:
             row["tipa_loss"] = all_reduce_mean(tipa_loss, self.ctx)
         if self.resumed_from is not None:
@@ -339,9 +339,13 @@ class Trainer:
                         | {"tok/s": f"{row['tokens_per_s']:.0f}"})
 
     def _say(self, bar, line: str) -> None:
-        """A line above the bar (or in the log), on rank 0 unless quiet."""
-        if not self.quiet:
-            (print if bar.disable else bar.write)(line)
+        """A line above the bar, or in the log when there is no bar; rank 0 only, unless quiet."""
+        if self.quiet:
+            return
+        if bar.disable:
+            print(line, flush=True)
+        else:
+            bar.write(line)
 
     def _summary(self) -> str:
         """What the run wrote where, its headline figures, and the command to run next."""
