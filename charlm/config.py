@@ -96,6 +96,7 @@ class Config:
     max_iters: int = option(5000, "optimizer steps")
     learning_rate: float = option(6e-4, "peak LR")
     min_lr_ratio: float = option(0.1, "cosine decay ends at learning_rate * min_lr_ratio")
+    lr_decay_iters: int = option(0, "step where the cosine decay ends (constant after); 0: max_iters")
     warmup_iters: int = option(200, "linear warm-up steps")
     weight_decay: float = option(0.1, "AdamW weight decay, on matrices only")
     beta1: float = option(0.9, "AdamW beta1")
@@ -104,7 +105,9 @@ class Config:
     # evaluation, logging, checkpoints
     eval_interval: int = option(500, "steps between val estimates (charlm.eval does the full pass)")
     eval_iters: int = option(50, "batches per val estimate")
-    log_interval: int = option(10, "steps between metrics.jsonl rows")
+    log_interval: int = option(10, "steps between metrics.jsonl rows (and log lines)")
+    logger: Literal["none", "tensorboard", "wandb"] = option("none", "also log the metrics rows to TensorBoard "
+                                                                    "(RUN/tensorboard/) or Weights & Biases")
     ckpt_interval: int = option(0, "steps between checkpoints; 0: every eval_interval")
     keep_checkpoints: int = option(3, "newest checkpoints kept on disk")
     save_best: bool = option(True, "also keep best.pt, the checkpoint with the lowest val estimate")
@@ -115,6 +118,8 @@ class Config:
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     max_memory_gb: float = option(0.0, "plan for (and cap the process at) this much GPU memory; 0: the whole card")
     resume: bool = option(False, "continue from the run folder's newest intact checkpoint")
+    extend: bool = option(False, "with --resume and a larger --max-iters: train a finished run further, the LR "
+                                 "held at its final value (the cosine still ends where it ended)")
     overwrite: bool = option(False, "start over in a run folder that holds a training history (deletes its "
                                     "checkpoints and metrics)")
     init_from: str = option("", "start from this checkpoint's weights (fine-tuning); optimizer and schedule start fresh")
@@ -154,16 +159,8 @@ class Config:
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "Config":
         """A Config from to_dict()'s form, or the flat form of charlm's first releases; unknown keys ignored."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a JSON object of config fields, got {type(data).__name__}")
-        flat = {**data.get("model", {}), **{k: v for k, v in data.items() if k != "model"}} \
-            if isinstance(data.get("model", {}), dict) else data
-        known = {f.name for f in dataclasses.fields(cls)} | MODEL_FIELDS
-        values = {k: v for k, v in flat.items() if k in known and k != "model"}
-        try:
-            return cls().replace(**values)
-        except TypeError as e:
-            raise ValueError(f"{source}: {e}") from e
+        values = {k: v for k, v in flat_fields(data, source).items() if k in FIELD_TYPES or k == "extra"}
+        return cls().replace(**values)
 
     def save(self, path: Path) -> None:
         from charlm.io import atomic_write_text
@@ -181,6 +178,69 @@ class Config:
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
         return cfg
+
+
+FIELD_TYPES = {name: tp for name, tp in (typing.get_type_hints(ModelConfig) | typing.get_type_hints(Config)).items()
+               if name not in ("model", "extra")}
+
+
+def flat_fields(data: dict, source: str) -> dict:
+    """A config mapping (nested `model` table, or flat) as flat field names, each value of its field's type."""
+    if not isinstance(data, dict) or not isinstance(data.get("model", {}), dict):
+        raise ValueError(f"{source}: expected a JSON object of config fields (with an optional \"model\" "
+                         f"object), got {type(data).__name__}")
+    flat = {**data.get("model", {}), **{k: v for k, v in data.items() if k != "model"}}
+    for name, value in flat.items():
+        if name in FIELD_TYPES and not _has_type(value, FIELD_TYPES[name]):
+            raise ValueError(f"{source}: {name} must be {_type_name(FIELD_TYPES[name])}, got {value!r}")
+    if "extra" in flat and not isinstance(flat["extra"], dict):
+        raise ValueError(f"{source}: extra must be an object, got {flat['extra']!r}")
+    return flat
+
+
+# What a command is asked to do, not what a run is: never taken from a config file.
+ACTIONS = ("resume", "overwrite", "extend", "plan_only")
+
+
+def read_config_file(path: Path) -> dict:
+    """The field values of a TOML or JSON config file (a run's own config.json included) by flat name.
+    Unknown names are refused; a run's notes (`extra`) and actions (resume, ...) are left out."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+        if path.suffix == ".toml":
+            import tomllib
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot read it ({e.strerror})") from e
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError and tomllib.TOMLDecodeError
+        raise ValueError(f"--config {path}: not {'TOML' if path.suffix == '.toml' else 'JSON'} ({e})") from e
+    values = flat_fields(data, f"--config {path}")
+    unknown = sorted(set(values) - set(FIELD_TYPES) - {"extra"})
+    if unknown:
+        raise ValueError(f"--config {path}: unknown fields {', '.join(unknown)}")
+    return {k: v for k, v in values.items() if k not in ACTIONS and k != "extra"}
+
+
+def _has_type(value, tp) -> bool:
+    if typing.get_origin(tp) is Literal:
+        return value in typing.get_args(tp)
+    allowed = [a for a in typing.get_args(tp)] or [tp]
+    if type(None) in allowed and value is None:
+        return True
+    if bool in allowed:
+        return isinstance(value, bool)
+    if float in allowed:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tuple(a for a in allowed if a is not type(None))) and not isinstance(value, bool)
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    return " or ".join("null" if a is type(None) else a.__name__ for a in (typing.get_args(tp) or [tp]))
 
 
 def _choice_errors(obj) -> list[str]:
@@ -230,6 +290,7 @@ def _range_errors(cfg: Config) -> list[str]:
         (_finite(cfg.weight_decay, cfg.grad_clip, cfg.beta1, cfg.beta2) and cfg.weight_decay >= 0
          and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
          "weight_decay and grad_clip must be non-negative and beta1, beta2 in [0, 1)"),
+        (cfg.lr_decay_iters >= 0, f"lr_decay_iters must be 0 (max_iters) or more, got {cfg.lr_decay_iters}"),
         (cfg.keep_checkpoints >= 1 and cfg.max_bad_steps >= 1 and cfg.ckpt_interval >= 0,
          "keep_checkpoints and max_bad_steps must be at least 1 and ckpt_interval non-negative"),
         (0 <= cfg.seed < 2**63, f"seed must be in [0, 2**63), got {cfg.seed}"),
@@ -300,6 +361,8 @@ def given_flags(args: argparse.Namespace) -> dict:
     return {f.name: getattr(args, f.name) for f in flag_fields() if getattr(args, f.name, None) is not None}
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    given = {k: v for k, v in given_flags(args).items() if k not in ("variant", "preset")}
-    return resolve(args.variant or "base", args.preset or "", **given)
+def config_from_args(args: argparse.Namespace, file_values: dict | None = None) -> Config:
+    """Defaults, variants, preset, then a config file's values, then the flags given (which win)."""
+    values = {**(file_values or {}), **given_flags(args)}
+    variant, preset = values.pop("variant", "base"), values.pop("preset", "")
+    return resolve(variant, preset, **values)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from charlm import cli
+from charlm.console import progress
 from charlm.errors import CharlmError
 from charlm.io import (atomic_dir, atomic_write, atomic_write_text, check_replaceable_dir, exclusive_lock,
                        lock_path, remove_stale_temporaries)
@@ -73,13 +74,12 @@ def sha256(data: bytes) -> str:
 
 def download(url: str, dest: Path) -> Path:
     """Download url to dest with a progress bar; the file appears under its name only when complete."""
-    from tqdm import tqdm
 
     def fetch(f) -> None:
         try:
             with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
                 total = int(resp.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {url}") as bar:
+                with progress(total=total, unit="B", unit_scale=True, desc=f"downloading {url}") as bar:
                     while chunk := resp.read(1 << 20):
                         f.write(chunk)
                         bar.update(len(chunk))

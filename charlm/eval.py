@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from charlm import cli
 from charlm.categorize import category_slug
 from charlm.checkpoint import best_checkpoint, check_finite, latest_checkpoint, load_checkpoint
 from charlm.config import Config
+from charlm.console import progress
 from charlm.data import DataError, category_spans, load_meta, split_tokens
 from charlm.io import atomic_write_text
 from charlm.loss import token_nll
@@ -67,7 +67,7 @@ def scoring_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[i
 
 @torch.no_grad()
 def _nats(model: GPT, tokens: np.ndarray, windows: list[tuple[int, int]], T: int, batch_size: int,
-          device: torch.device, amp, progress: tqdm | None) -> tuple[torch.Tensor, int]:
+          device: torch.device, amp, bar) -> tuple[torch.Tensor, int]:
     """(sum of next-token losses in nats, float64 on the device, targets scored) of the given windows."""
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for i in range(0, len(windows), batch_size):
@@ -80,8 +80,8 @@ def _nats(model: GPT, tokens: np.ndarray, windows: list[tuple[int, int]], T: int
         mask = torch.arange(T, device=device)[None, :] >= first[:, None]
         total += (nll * mask).sum(dtype=torch.float64)
         count += sum(T - f for _, f in chunk)
-        if progress is not None:
-            progress.update(1)
+        if bar is not None:
+            bar.update(1)
     return total, count
 
 
@@ -97,7 +97,7 @@ def split_bpc(model: GPT, tokens: np.ndarray, block_size: int, stride: int, batc
     """(BPC, characters scored) of a token array; the sum of losses is accumulated in float64. Under torchrun
     each rank scores every world_size-th window and the sums are combined."""
     windows = scoring_windows(len(tokens), block_size, stride)[ctx.rank::ctx.world_size]
-    with tqdm(total=-(-len(windows) // batch_size), desc=desc, unit="batch", leave=False,
+    with progress(total=-(-len(windows) // batch_size), desc=desc, unit="batch", leave=False,
               disable=not ctx.is_master) as bar:
         nats, count = _nats(model, tokens, windows, min(block_size, len(tokens) - 1), batch_size, device, amp, bar)
     return _bpc_over_ranks(nats, count, ctx)
@@ -109,7 +109,8 @@ def spans_bpc(model: GPT, tokens: np.ndarray, spans: np.ndarray, block_size: int
     document of its own (its windows as split_bpc makes them); spans of fewer than 2 tokens have nothing to
     score. Under torchrun each rank scores every world_size-th span."""
     nats, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    for start, length in tqdm(spans[ctx.rank::ctx.world_size, :2].tolist(), desc=desc, unit="span", disable=not ctx.is_master):
+    for start, length in progress(spans[ctx.rank::ctx.world_size, :2].tolist(), desc=desc, unit="span",
+                                  disable=not ctx.is_master):
         if length >= 2:
             span = tokens[start:start + length]
             windows = scoring_windows(length, block_size, stride)

@@ -26,6 +26,18 @@ READINGS = {
 }
 
 
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, from the vendors' data sheets.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_bf16_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, for MFU; None off CUDA or for a GPU not in the table."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
 def nvml_index(torch_index: int) -> int:
     """NVML's index of torch's cuda:torch_index. NVML ignores CUDA_VISIBLE_DEVICES, so where it is a list
     of integers, torch's device i is NVML's device number list[i]. (Both then count in PCI bus order, as

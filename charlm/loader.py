@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from charlm.data import load_meta
+from charlm.data import load_meta, split_tokens
 from charlm.tipa import SCOPES, reverse_positions, window_positions, word_table
 
 try:
@@ -57,32 +57,11 @@ except ImportError:
 # more ahead of it).
 MAX_BATCH_BYTES = 2**30
 MAX_THREADS = 64  # per BatchLoader (default min(4, cores)): more would only add thread stacks
-DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
 _M64 = (1 << 64) - 1
 
 
 # ----------------------------------------------------------------------------------------------------
 # The prepared dataset
-
-def read_meta(data_dir: str | Path) -> dict:
-    """meta.json of a prepared dataset (charlm.data.load_meta checks it against the token files), checked
-    for what the loader relies on: the token dtype and a vocabulary that fits it."""
-    meta = load_meta(Path(data_dir))
-    path = Path(data_dir) / "meta.json"
-    expected = {"bytes": "uint8", "unicode": "uint16"}
-    if meta.get("format") != 1 or expected.get(meta.get("tokenization")) != meta.get("dtype"):
-        raise ValueError(f"{path}: expected format 1 with tokenization/dtype bytes/uint8 or unicode/uint16, "
-                         f"got format={meta.get('format')!r}, tokenization={meta.get('tokenization')!r}, "
-                         f"dtype={meta.get('dtype')!r}")
-    limit = np.iinfo(DTYPES[meta["dtype"]]).max + 1
-    if not isinstance(meta.get("vocab_size"), int) or not 1 <= meta["vocab_size"] <= limit:
-        raise ValueError(f"{path}: vocab_size must be an int in 1..{limit}, got {meta.get('vocab_size')!r}")
-    if meta["tokenization"] == "bytes" and meta["vocab_size"] != 256:
-        raise ValueError(f"{path}: bytes tokenization has vocab_size 256, got {meta['vocab_size']}")
-    if meta["tokenization"] == "unicode" and len(meta.get("chars") or ()) != meta["vocab_size"]:
-        raise ValueError(f"{path}: chars must list vocab_size = {meta['vocab_size']} code points")
-    return meta
-
 
 def split_file(data_dir: str | Path, split: str, meta: dict) -> tuple[Path, int]:
     """(path, n_tokens) of a split's token file."""
@@ -122,13 +101,13 @@ class NumpyBatchLoader:
     def __init__(self, data_dir, split, batch_size, block_size, *, seed=0, rank=0, world_size=1, tipa=False,
                  tipa_max=16, tipa_scope="word", spans=None, pin_memory=False):
         _check_args(batch_size, block_size, seed, rank, world_size, tipa, tipa_max, tipa_scope, pin_memory)
-        self.meta = read_meta(data_dir)
+        self.meta = load_meta(Path(data_dir))
         self.vocab_size = self.meta["vocab_size"]
         self.path, self.n_tokens = split_file(data_dir, split, self.meta)
         if self.n_tokens < block_size + 1:
             raise ValueError(f"{self.path}: split {split!r} has {self.n_tokens} tokens, fewer than one window "
                              f"of block_size + 1 = {block_size + 1}")
-        self.dtype = np.dtype(DTYPES[self.meta["dtype"]])
+        self.dtype = np.dtype(self.meta["dtype"])
         self.batch_size, self.block_size, self.seed = int(batch_size), int(block_size), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.local_batch_size = self.batch_size // self.world_size
@@ -158,7 +137,7 @@ class NumpyBatchLoader:
     # -- the reference implementation ---------------------------------------------------------------
 
     def _open(self) -> None:
-        self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+        self._tokens = split_tokens(self.path.parent, self.path.stem, self.meta)
 
     def _max_token(self) -> int:
         return int(self._tokens.max())

@@ -53,21 +53,30 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
 
 
 def plot_curves(run_dir: Path, title: str | None = None) -> Path | None:
-    """Write run_dir/curves.png (train and val BPC against steps); None when there is nothing to plot yet."""
+    """Write run_dir/curves.png: train and val BPC against steps above the learning rate, with a dashed
+    line where the run was resumed; None when there is nothing to plot yet."""
     rows = [r for r in read_metrics(run_dir) if "train_bpc" in r]
     if not rows:
         return None
-    fig, ax = pyplot().subplots(figsize=(7, 4.5))
-    ax.plot([r["step"] for r in rows], [r["train_bpc"] for r in rows], label="train", alpha=0.8)
+    fig, (ax, ax_lr) = pyplot().subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["train_bpc"] for r in rows], label="train", alpha=0.8)
     val = [r for r in rows if "val_bpc" in r]
     if val:
         best = min(val, key=lambda r: r["val_bpc"])
         ax.plot([r["step"] for r in val], [r["val_bpc"] for r in val], "o-", label="val (estimate)")
         ax.annotate(f"best {best['val_bpc']:.3f}", (best["step"], best["val_bpc"]),
                     textcoords="offset points", xytext=(0, 8), ha="center")
-    ax.set_xlabel("step")
+    ax_lr.plot(steps, [r.get("lr", float("nan")) for r in rows], color="tab:green")
+    resumes = [r["resumed_from"] for r in rows if "resumed_from" in r]
+    for i, step in enumerate(resumes):
+        for axis in (ax, ax_lr):
+            axis.axvline(step, color="grey", linestyle="--", linewidth=1, label="resumed" if i == 0 else None)
     ax.set_ylabel("bits per character")
     ax.set_title(title or Path(run_dir).name)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax_lr.set_xlabel("step")
+    ax_lr.set_ylabel("learning rate")
+    for axis in (ax, ax_lr):
+        axis.grid(alpha=0.3)
+    ax.legend(loc="upper right")
     return save_figure(fig, Path(run_dir) / "curves.png")

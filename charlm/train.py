@@ -14,36 +14,75 @@ Several GPUs on one node, or several nodes (torchrun's usual rendezvous flags):
 `--batch-size` is the global batch whatever the number of ranks.
 """
 import argparse
+import json
 
 from charlm import cli
-from charlm.config import Config, add_config_args, config_from_args, given_flags
+from charlm.config import PRESETS, VARIANTS, Config, add_config_args, config_from_args, given_flags, read_config_file
 
 
-def parse_config(argv=None) -> Config:
-    parser = argparse.ArgumentParser(prog="python -m charlm.train", description=__doc__,
+def variants_and_presets() -> str:
+    """--help's epilog: what each variant and preset sets (a preset's values replace the defaults shown)."""
+    lines = ["variants (combine with commas; applied in order):"]
+    lines += [f"  {name:<8} {_overrides(v) or 'the defaults'}" for name, v in VARIANTS.items()]
+    lines += ["presets (applied after the variants, before the flags):"]
+    lines += [f"  {name:<8} {_overrides(p)}" for name, p in PRESETS.items()]
+    return "\n".join(lines)
+
+
+def _overrides(values: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m charlm.train", description=__doc__, epilog=variants_and_presets(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="a TOML or JSON file of config fields (a run's own "
+                        "config.json too); flags given on the command line override it")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the fully resolved config (variants, preset, file, flags) as JSON and exit")
     add_config_args(parser)
-    args = parser.parse_args(argv)
-    cfg = config_from_args(args)
+    return parser
+
+
+def parse_config(argv=None) -> tuple[Config, bool]:
+    """The run's config, and whether only to print it."""
+    args = build_parser().parse_args(argv)
+    file_values = read_config_file(args.config) if args.config else {}
+    cfg = config_from_args(args, file_values)
     saved = cfg.run_dir / "config.json"
     if cfg.resume and saved.is_file():
-        return resumed_config(Config.load(saved), given_flags(args))
-    return cfg
+        if args.config:
+            raise ValueError(f"--config starts a run from a file; --resume continues {saved}: give one of them")
+        cfg = resumed_config(Config.load(saved), given_flags(args))
+    return cfg, args.print_config
 
 
 def resumed_config(saved: Config, given: dict) -> Config:
-    """A resumed run keeps its saved config; only the flags given now override it."""
+    """A resumed run keeps its saved config; only the flags given now override it. A changed --max-iters
+    needs --extend, which holds the LR at its final value past the original end."""
     changed = [f"--{f} {given[f]} (the run has {getattr(saved, f)!r})" for f in ("variant", "preset")
                if f in given and set(given[f].split(",")) != set(getattr(saved, f).split(","))]
     if changed:  # their fields were resolved when the run began; a new name alone would mislabel it
         raise ValueError(f"a resumed run keeps its variant and preset: drop {', '.join(changed)}")
+    new_iters = given.get("max_iters", saved.max_iters)
+    if given.get("extend"):
+        if new_iters <= saved.max_iters:
+            raise ValueError(f"--extend needs a --max-iters beyond the run's {saved.max_iters}, got {new_iters}")
+        given = {**given, "lr_decay_iters": saved.lr_decay_iters or saved.max_iters}
+    elif new_iters != saved.max_iters:
+        raise ValueError(f"--max-iters {new_iters}: the run was planned for {saved.max_iters} steps, and its LR "
+                         f"schedule with it; pass --extend to train it to {new_iters} with the LR held at its "
+                         f"final value, or drop --max-iters")
     cfg = saved.replace(**given)
     cfg.validate()
     return cfg
 
 
 def _main(argv=None) -> None:
-    cfg = parse_config(argv)
+    cfg, print_only = parse_config(argv)
+    if print_only:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return
     # Imported here: --help and argument errors should not wait for torch and triton to load.
     from charlm.runtime import distributed
     from charlm.trainer import plan_only, train

@@ -22,21 +22,25 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from charlm.checkpoint import CheckpointError, RunCheckpoints, RunStopped
 from charlm.config import Config
 from charlm.data import DataError, category_spans, dataset_fingerprint, with_dataset
-from charlm.gpu import GPUMonitor
+from charlm.console import format_row, progress
+from charlm.gpu import GPUMonitor, peak_bf16_flops
 from charlm.loader import BatchLoader, splitmix64
+from charlm.loggers import open_logger
 from charlm.memory import MemoryPlan, cap_process_memory, device_capacity_bytes, format_oom, plan_memory
-from charlm.model import GPT, pick_impls
+from charlm.model import GPT, flops_per_token, pick_impls
 from charlm.runlog import append_metrics, plot_curves, truncate_metrics
 from charlm.runtime import (SINGLE_PROCESS, DistContext, all_reduce_mean, autocast, bits_per_char,
                             resolve_device)
 
 
 def lr_at(step: int, cfg: Config) -> float:
-    """Linear warm-up to the peak, then cosine decay to min_lr_ratio of it at max_iters."""
+    """Linear warm-up to the peak, then cosine decay to min_lr_ratio of it at lr_decay_iters (default
+    max_iters), constant after that (an --extend'ed run's tail)."""
     if step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / cfg.warmup_iters
-    progress = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
-    ratio = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_end = cfg.lr_decay_iters or cfg.max_iters
+    done = min(1.0, (step - cfg.warmup_iters) / max(1, decay_end - cfg.warmup_iters))
+    ratio = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
     return cfg.learning_rate * ratio
 
 
@@ -87,7 +91,9 @@ class Trainer:
         self._build_model()
         self.autocast = autocast(cfg.dtype, self.device)
         self._build_loaders()
+        self.flops_per_token, self.peak_flops = flops_per_token(cfg.model), peak_bf16_flops(self.device)
         self.step = 0
+        self.resumed_from: int | None = None
         self.best_val_bpc = float("inf")
         # Counted on the device so that checking for non-finite steps needs no host sync in the step.
         self.bad_streak = torch.zeros((), device=self.device)
@@ -206,6 +212,7 @@ class Trainer:
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{path}: its optimizer state does not fit this model ({e})") from e
         self.step, self.best_val_bpc = state["step"], state["best_val_bpc"]
+        self.resumed_from = self.step  # marked on the next metrics row (and in curves.png)
         self._check_same_dataset(path, state)
         if not self.quiet:
             print(f"resumed {self.run_dir} at step {self.step} from {path.name}")
@@ -296,8 +303,12 @@ class Trainer:
         row = {"step": self.step, "train_loss": train_loss, "train_bpc": bits_per_char(train_loss),
                "lr": lr_at(self.step - 1, self.cfg), "tokens_per_s": tokens / seconds,
                "peak_mem_gb": peak_memory_gb(self.device), **monitor.snapshot()}
+        if self.peak_flops:  # tokens of the global batch, so the peak of every rank's GPU
+            row["mfu"] = self.flops_per_token * tokens / seconds / (self.peak_flops * self.ctx.world_size)
         if tipa_loss is not None:
             row["tipa_loss"] = all_reduce_mean(tipa_loss, self.ctx)
+        if self.resumed_from is not None:
+            row["resumed_from"], self.resumed_from = self.resumed_from, None
         if self.skipped_steps.item():
             row["skipped_steps"] = int(self.skipped_steps.item())
         return row
@@ -310,20 +321,55 @@ class Trainer:
             self.best_val_bpc = row["val_bpc"]
             self.checkpoints.save_best(self.step, self.state_dict(), self.best_val_bpc)
 
+    def _report(self, row: dict, bar, logger) -> None:
+        """A logged row: metrics.jsonl, the logger, and the terminal (the bar, with eval rows above it) or
+        the log file (one plain line)."""
+        if self.ctx.is_master:
+            append_metrics(self.run_dir, row)
+        if logger is not None:
+            logger.log(row)
+        if self.quiet:
+            return
+        line = format_row(row, self.cfg.max_iters)
+        if bar.disable or "val_bpc" in row:
+            self._say(bar, line)
+        if bar.disable:
+            return
+        bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_bpc", "val_bpc") if k in row}
+                        | {"tok/s": f"{row['tokens_per_s']:.0f}"})
+
+    def _say(self, bar, line: str) -> None:
+        """A line above the bar, or in the log when there is no bar; rank 0 only, unless quiet."""
+        if self.quiet:
+            return
+        if bar.disable:
+            print(line, flush=True)
+        else:
+            bar.write(line)
+
+    def _summary(self) -> str:
+        """What the run wrote where, its headline figures, and the command to run next."""
+        lines = [f"finished step {self.step} of {self.cfg.max_iters}; run folder {self.run_dir}"]
+        if math.isfinite(self.best_val_bpc):
+            best = self.run_dir / "best.pt" if self.cfg.save_best else None
+            lines.append(f"best val bpc (estimate) {self.best_val_bpc:.4f}" + (f", kept as {best}" if best else ""))
+        lines.append(f"latest checkpoint {self.checkpoints.latest()}; curves in {self.run_dir / 'curves.png'}")
+        lines.append(f"next: python -m charlm.eval {self.run_dir}   (full val and test passes)")
+        return "\n".join(lines)
+
     def run(self, until: int | None = None) -> dict:
         """Train from self.step to max_iters (or to step `until`), logging, evaluating and checkpointing.
 
         Returns the last metrics row. Stopping early at `until` saves a checkpoint there; the LR schedule
         still follows max_iters, so a resumed run continues exactly as if it had not stopped.
         """
-        from tqdm import tqdm
-
         cfg = self.cfg
         self._start()
         row: dict = {}
-        bar = tqdm(total=cfg.max_iters, initial=self.step, disable=self.quiet, unit="step", dynamic_ncols=True)
+        bar = progress(total=cfg.max_iters, initial=self.step, disable=self.quiet, unit="step")
         stop = min(cfg.max_iters, until if until is not None else cfg.max_iters)
-        with GPUMonitor(self.device) as monitor, self._stop_on_signals():
+        with GPUMonitor(self.device) as monitor, self._stop_on_signals(), \
+                open_logger(cfg.logger, self.run_dir, cfg, self.step, self.ctx.is_master) as logger:
             t0, steps_since, peak_reported = time.perf_counter(), 0, False
             while self.step < stop:
                 lm_loss, tipa_loss = self.train_step(self.step)
@@ -340,24 +386,22 @@ class Trainer:
                 self._check_bad_streak()
                 if eval_now:
                     self._evaluate(row)
-                if self.ctx.is_master:
-                    append_metrics(self.run_dir, row)
-                if not peak_reported and self.device.type == "cuda" and not self.quiet:
-                    bar.write(self._describe_peak(row["peak_mem_gb"]))
+                self._report(row, bar, logger)
+                if not peak_reported and self.device.type == "cuda":
+                    self._say(bar, self._describe_peak(row["peak_mem_gb"]))
                     peak_reported = True
-                bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_bpc", "val_bpc") if k in row}
-                                | {"tok/s": f"{row['tokens_per_s']:.0f}"})
                 if ckpt_now or stopping:
                     self.save()
                 if stopping:
-                    if not self.quiet:
-                        print(f"\nstopped by signal {self.stop_signal} at step {self.step}; checkpoint saved in "
-                              f"{self.run_dir}; continue with --resume")
+                    self._say(bar, f"stopped by signal {self.stop_signal} at step {self.step}; checkpoint saved "
+                                   f"in {self.run_dir}; continue with --resume")
                     break
                 if eval_now and self.ctx.is_master:
                     plot_curves(self.run_dir)
                 t0, steps_since = time.perf_counter(), 0
         bar.close()
+        if self.step == cfg.max_iters and not self.quiet:
+            print(self._summary())
         return row
 
 
@@ -380,6 +424,14 @@ def train(cfg: Config, ctx: DistContext = SINGLE_PROCESS) -> Trainer:
         trainer = Trainer(cfg, ctx)
         if start is not None:
             trainer.resume()
+            if trainer.step >= cfg.max_iters:
+                ctx.print(f"{cfg.run_dir} is finished (step {trainer.step} of --max-iters {cfg.max_iters}): nothing "
+                          f"to train. Evaluate it with python -m charlm.eval {cfg.run_dir}, or train it further "
+                          f"with --resume --max-iters N --extend")
+                return trainer
+            if cfg.extend:
+                ctx.print(f"extending {cfg.run_dir} to step {cfg.max_iters}: the LR stays at "
+                          f"{lr_at(cfg.max_iters, cfg):.2e} after step {cfg.lr_decay_iters}")
         elif cfg.init_from:
             trainer.init_from(Path(cfg.init_from))
         trainer.check_ranks_agree_on_step()

@@ -23,11 +23,6 @@ class Chunk:
     in_page: bool  # False for text outside pages (the XML header, text between pages)
 
 
-def read_split(data_dir: Path, split: str, meta: dict) -> np.ndarray:
-    """A split's token file, memory-mapped."""
-    return np.memmap(Path(data_dir) / f"{split}.bin", dtype=meta["dtype"], mode="r", shape=(meta["splits"][split],))
-
-
 def token_ids(text: str, meta: dict) -> np.ndarray | None:
     """The token ids of `text` under a dataset's tokenization; None when a character is not in its vocabulary."""
     try:

@@ -5,14 +5,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from charlm.categorize import embed, keywords
 from charlm.categorize.categories import FALLBACK, NAMES
-from charlm.categorize.chunks import MAX_CHUNK, chunk_split, read_split, text_of
+from charlm.categorize.chunks import MAX_CHUNK, chunk_split, text_of
 from charlm.categorize.labels import label_spans, read_labels
 from charlm.categorize.store import check_partition, write_categories
-from charlm.data import SPLITS, DataError, load_meta
+from charlm.console import progress
+from charlm.data import SPLITS, DataError, load_meta, split_tokens
 
 METHODS = ("keywords", "embed", "import")
 
@@ -35,10 +35,10 @@ def classify_chunks(data_dir: Path, meta: dict, method: Method, max_chunk: int) 
     """Spans (start, length, category id) per split: chunk every split, featurize page chunks, predict."""
     chunks, features = {}, {}
     for split in SPLITS:
-        tokens = read_split(data_dir, split, meta)
+        tokens = split_tokens(data_dir, split, meta)
         chunks[split] = chunk_split(tokens, meta, max_chunk)
         features[split] = [method.featurize(c.title, text_of(tokens, c.start, c.length, meta))
-                           for c in tqdm(chunks[split], desc=f"reading {split} chunks", unit="chunk")
+                           for c in progress(chunks[split], desc=f"reading {split} chunks", unit="chunk")
                            if c.in_page]
     predicted = method.predict(features)
     spans = {}

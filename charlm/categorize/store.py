@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 
 from charlm.categorize.categories import CATEGORIES, FALLBACK, NAMES
-from charlm.categorize.chunks import page_title, read_split
-from charlm.data import SPLITS, load_meta, read_categories
+from charlm.categorize.chunks import page_title
+from charlm.data import SPLITS, load_meta, read_categories, split_tokens
 from charlm.io import atomic_dir, atomic_write_text
 
 FORMAT = 1
@@ -61,7 +61,7 @@ def summary(data_dir: Path, name: str) -> str:
     data_dir = Path(data_dir)
     index, meta = read_categories(data_dir, name), load_meta(data_dir)
     unit = "bytes" if meta["tokenization"] == "bytes" else "chars"
-    train = read_split(data_dir, "train", meta)
+    train = split_tokens(data_dir, "train", meta)
     train_spans = np.load(data_dir / "categories" / name / "spans_train.npy")
     header = f"{'category':<26}" + "".join(f"{split + ' ' + unit:>16}{'chunks':>8}" for split in SPLITS)
     lines = [f"categorisation {name!r} of {data_dir} (method {index['method']})", header + "  examples (train)"]

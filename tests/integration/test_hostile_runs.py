@@ -29,15 +29,13 @@ from charlm.data import prepare
 from charlm.eval import main as eval_main
 from charlm.sample import main as sample_main
 from charlm.train import main as train_main
+from runs import train_args
 
 pytestmark = pytest.mark.integration
 
 
 def run_args(tiny_dataset, run, *extra, iters=4):
-    root, name = tiny_dataset
-    return ["--preset", "tiny", "--dataset", name, "--data-root", str(root), "--out-dir", str(run), "--device",
-            "cpu", "--batch-size", "4", "--max-iters", str(iters), "--eval-interval", "2", "--eval-iters", "1",
-            "--log-interval", "1", "--keep-checkpoints", "5", *extra]
+    return train_args(tiny_dataset, run, *extra, iters=iters, keep_checkpoints=5)
 
 
 @pytest.fixture
@@ -87,7 +85,7 @@ def test_a_planted_pickle_never_runs(trained, tiny_dataset, tmp_path, entry):
         (trained / "checkpoints.json").unlink()
         for other in trained.glob("ckpt_*.pt"):
             plant_pickle(other, marker)
-        refuses(train_main, run_args(tiny_dataset, trained, "--resume", iters=6), "no checkpoint in")
+        refuses(train_main, run_args(tiny_dataset, trained, "--resume", "--extend", iters=6), "no checkpoint in")
     else:
         refuses(train_main, run_args(tiny_dataset, tmp_path / "fine", "--init-from", str(ckpt)),
                 "not a readable charlm checkpoint")
@@ -110,7 +108,7 @@ def test_a_damaged_manifest_touches_nothing_outside_and_is_rebuilt(trained, tiny
             entry["file"] = str(victim) if bad_file == "ABSOLUTE" else bad_file
         manifest_path.write_text(json.dumps(manifest))
     with pytest.warns(UserWarning, match="damaged"):
-        train_main(run_args(tiny_dataset, trained, "--resume", "--keep-checkpoints", "1", iters=6))
+        train_main(run_args(tiny_dataset, trained, "--resume", "--extend", "--keep-checkpoints", "1", iters=6))
     assert victim.read_text() == "the user's file"
     assert [p.name for p in trained.glob("ckpt_*.pt")] == ["ckpt_00000006.pt"]
     assert json.loads(manifest_path.read_text())["checkpoints"][0]["file"] == "ckpt_00000006.pt"
@@ -121,7 +119,7 @@ def test_a_damaged_manifest_touches_nothing_outside_and_is_rebuilt(trained, tiny
 def test_a_missing_manifest_still_guards_and_resumes(trained, tiny_dataset):
     (trained / "checkpoints.json").unlink()
     refuses(train_main, run_args(tiny_dataset, trained), "already holds checkpoints")
-    train_main(run_args(tiny_dataset, trained, "--resume", iters=6))
+    train_main(run_args(tiny_dataset, trained, "--resume", "--extend", iters=6))
     assert load_checkpoint(latest_checkpoint(trained))["step"] == 6
     assert [json.loads(line)["step"] for line in (trained / "metrics.jsonl").read_text().splitlines()][:4] == [1, 2, 3, 4]
 
@@ -146,7 +144,7 @@ def test_resume_with_every_checkpoint_corrupt_refuses_and_keeps_the_history(trai
     history = (trained / "metrics.jsonl").read_text()
     for ckpt in trained.glob("ckpt_*.pt"):
         ckpt.write_bytes(b"torn")
-    refuses(train_main, run_args(tiny_dataset, trained, "--resume", iters=6), "refusing to start over its history")
+    refuses(train_main, run_args(tiny_dataset, trained, "--resume", "--extend", iters=6), "refusing to start over its history")
     assert (trained / "metrics.jsonl").read_text() == history
 
 
@@ -162,7 +160,7 @@ def test_resume_on_a_dataset_prepared_again_from_other_content_refuses(tiny_data
     run = tmp_path / "run"
     train_main(run_args((root, "swapped"), run))
     prepare(data[::-1], root / "swapped", "bytes", {"name": "swapped"})
-    refuses(train_main, run_args((root, "swapped"), run, "--resume", iters=6), "has changed since")
+    refuses(train_main, run_args((root, "swapped"), run, "--resume", "--extend", iters=6), "has changed since")
 
 
 def poison(run):
@@ -178,7 +176,7 @@ def poison(run):
 def test_non_finite_weights_are_refused_on_load(trained, tiny_dataset, tmp_path, entry):
     path = poison(trained)
     if entry == "resume":
-        refuses(train_main, run_args(tiny_dataset, trained, "--resume", iters=6), "non-finite weights")
+        refuses(train_main, run_args(tiny_dataset, trained, "--resume", "--extend", iters=6), "non-finite weights")
     elif entry == "init_from":
         refuses(train_main, run_args(tiny_dataset, tmp_path / "fine", "--init-from", str(path)), "non-finite weights")
     else:
@@ -247,7 +245,7 @@ def test_a_second_trainer_on_a_running_folder_says_who_holds_it(tiny_dataset, tm
             assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() else "slow"
             time.sleep(0.2)
         rows = (run / "metrics.jsonl").read_text()
-        refuses(train_main, run_args(tiny_dataset, run, "--resume"), f"is in use by pid {first.pid}")
+        refuses(train_main, run_args(tiny_dataset, run, "--resume", iters=100000), f"is in use by pid {first.pid}")
         assert (run / "metrics.jsonl").read_text().startswith(rows)  # the second one wrote nothing
     finally:
         first.kill()
@@ -260,14 +258,14 @@ def test_temporaries_of_killed_writes_are_removed_by_the_next_run(trained, tiny_
         path.write_bytes(b"half a write")
     keep = trained / ".notes.tmp"  # not a charlm temporary
     keep.write_text("the user's")
-    train_main(run_args(tiny_dataset, trained, "--resume", iters=6))
+    train_main(run_args(tiny_dataset, trained, "--resume", "--extend", iters=6))
     assert not any(p.exists() for p in stale) and keep.read_text() == "the user's"
 
 
 def test_malformed_metrics_lines_neither_stop_a_resume_nor_the_plot(trained, tiny_dataset):
     with open(trained / "metrics.jsonl", "a") as f:
         f.write('{"step": "x"}\n[1, 2]\n{torn\n')
-    train_main(run_args(tiny_dataset, trained, "--resume", iters=6))
+    train_main(run_args(tiny_dataset, trained, "--resume", "--extend", iters=6))
     steps = [json.loads(line)["step"] for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert (trained / "curves.png").read_bytes()[:4] == b"\x89PNG"
