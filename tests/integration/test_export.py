@@ -66,8 +66,8 @@ def refuses(argv, message):
 
 
 def hf_rope_angles(seq_len, head_dim, theta=10000.0, offset=0, device=None, dtype=torch.float32):
-    """charlm's rope_cos_sin rounded as transformers' NeoX rounds it: 1 / theta**x, where charlm has
-    theta**-x, then the angles in float32 whatever the model's dtype."""
+    """charlm's rope_cos_sin rounded as transformers' NeoX rounds it: 1 / theta**x where charlm has
+    theta**-x, and the angles in float32 whatever the model's dtype."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.arange(offset, offset + seq_len, dtype=torch.float32)[:, None] * inv_freq
     return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
@@ -88,11 +88,14 @@ def test_hf_model_computes_charlm_logits(tiny_dataset, tmp_path, monkeypatch, va
         got = hf(ids).logits
     expected = charlm_logits(model, ids)
     assert expected.std() > 1.0  # logits of order 1: a wrong mapping differs by that much, not by 1e-5
-    # As shipped, NeoX's rotary angles round differently from charlm's (a few 1e-6 rad at position 63) ...
+    # As shipped, in float32: the attention kernels sum in other orders, and NeoX rounds its rotary angles
+    # differently from charlm (a few 1e-6 rad at position 63) ...
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
-    # ... and with charlm's angles rounded the same way, the two compute the same to float32 precision.
+    # ... and in float64, with charlm's angles rounded as NeoX rounds them, the two compute the same.
     monkeypatch.setattr(rope, "rope_cos_sin", hf_rope_angles)
-    torch.testing.assert_close(got, charlm_logits(model, ids), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        got = hf.double()(ids).logits
+    torch.testing.assert_close(got, charlm_logits(model.double(), ids), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("variant", ["base", "rope"])
@@ -253,5 +256,27 @@ def test_a_checkpoint_whose_tipa_head_does_not_fit_its_config_is_refused(tiny_da
     model, cfg = make_run(run, tiny_dataset, "tipa", step=3)
     weights = {k: v for k, v in model.state_dict().items() if not k.startswith("tipa_head")}
     save_checkpoint(run, 4, {"model": weights, "config": cfg.to_dict()})  # says TIPA, holds no TIPA head
-    refuses([str(run), str(tmp_path / "hf")], 'Missing key(s) in state_dict: "tipa_head.weight"')
+    text = refuses([str(run), str(tmp_path / "hf")], f"{run}: the checkpoint's weights do not fit its config")
+    assert "tipa_head.weight" in text
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_trained_and_evaluated_run_exports_both_ways(tiny_dataset, tmp_path):
+    from test_train import tiny_cfg
+
+    from charlm.eval import evaluate, load_model
+    from charlm.trainer import train
+
+    run = tmp_path / "run"
+    trainer = train(tiny_cfg(tiny_dataset, run, "rope", max_iters=5, eval_interval=5))
+    result = evaluate(run, device="cpu")
+    write_safetensors(run, trainer.raw_model, trainer.cfg)  # what the trainer writes at the end of a run
+    main([str(run), "--to", "hf", str(tmp_path / "hf")])
+    model, cfg, step = load_model(run, torch.device("cpu"))
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert f"val BPC **{result['val_bpc']:.4f}**" in card and f"step {step}" in card and "`tiny`: 200,000 bytes" in card
+    ids = torch.randint(0, 256, (2, cfg.model.block_size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(tmp_path / "hf")(ids).logits, charlm_logits(model, ids), atol=1e-4, rtol=0)
+    shared, shared_cfg = load_safetensors(run)
+    assert shared_cfg == trainer.cfg and torch.equal(charlm_logits(shared, ids), charlm_logits(model, ids))
