@@ -1,0 +1,3 @@
+from charlm.export.command import main
+
+main()
