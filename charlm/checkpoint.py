@@ -206,6 +206,20 @@ def check_finite(state: dict, path: Path) -> dict:
     return state
 
 
+def check_weights_fit(weights: dict, model: torch.nn.Module, what: str) -> None:
+    """Weights that are exactly the tensors `model` needs, else a CheckpointError starting with `what` and
+    naming each tensor that is missing, extra or of another shape."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in weights.items()}
+    problems = [f"{n} is missing" for n in expected if n not in found]
+    problems += [f"{n} is not in this model" for n in found if n not in expected]
+    problems += [f"{n} has shape {found[n]}, the config needs {expected[n]}"
+                 for n in expected if n in found and found[n] != expected[n]]
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise CheckpointError(f"{what}: {shown}")
+
+
 def checkpoint_model_config(state: dict, path: Path) -> ModelConfig:
     """The model shape a loaded checkpoint was saved with."""
     try:

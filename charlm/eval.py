@@ -24,7 +24,7 @@ import torch
 
 from charlm import cli
 from charlm.categorize import category_slug
-from charlm.checkpoint import best_checkpoint, check_finite, latest_checkpoint, load_checkpoint
+from charlm.checkpoint import best_checkpoint, check_finite, check_weights_fit, latest_checkpoint, load_checkpoint
 from charlm.config import Config
 from charlm.console import progress
 from charlm.data import DataError, category_spans, load_meta, split_tokens
@@ -42,6 +42,7 @@ def load_model(run_dir: Path, device: torch.device, checkpoint: Path | None = No
     state = check_finite(load_checkpoint(path, map_location=device), path)
     cfg = Config.from_dict(state["config"], source=str(path))
     model = GPT.from_config(cfg).to(device)
+    check_weights_fit(state["model"], model, f"{path}: its weights do not fit its config")
     model.load_state_dict(state["model"])
     return model.eval(), cfg, state["step"]
 

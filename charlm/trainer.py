@@ -23,6 +23,7 @@ from charlm.checkpoint import CheckpointError, RunCheckpoints, RunStopped
 from charlm.config import Config
 from charlm.data import DataError, category_spans, dataset_fingerprint, with_dataset
 from charlm.console import format_row, progress
+from charlm.export import write_safetensors
 from charlm.gpu import GPUMonitor, peak_bf16_flops
 from charlm.loader import BatchLoader, splitmix64
 from charlm.loggers import open_logger
@@ -439,4 +440,6 @@ def train(cfg: Config, ctx: DistContext = SINGLE_PROCESS) -> Trainer:
             trainer.run()
         except torch.cuda.OutOfMemoryError as e:
             raise RunStopped(format_oom(trainer.plan, e)) from e
+        if ctx.is_master and trainer.step == cfg.max_iters:  # the final weights, not a signal's stop
+            write_safetensors(trainer.run_dir, trainer.raw_model, trainer.cfg)
     return trainer

@@ -4,7 +4,6 @@ import html
 import itertools
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 

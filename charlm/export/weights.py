@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from charlm.checkpoint import check_finite
+from charlm.checkpoint import check_finite, check_weights_fit
 from charlm.config import Config
 from charlm.errors import CharlmError
 from charlm.io import atomic_write, atomic_write_text
@@ -39,19 +39,6 @@ def write_safetensors(out_dir: Path, model: GPT | dict, cfg: Config) -> Path:
     return out_dir / WEIGHTS
 
 
-def check_shapes(weights: dict[str, torch.Tensor], model: GPT, source: Path) -> None:
-    """Weights that are exactly the tensors `model` needs, else an ExportError naming each that is not."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    found = {name: tuple(t.shape) for name, t in weights.items()}
-    problems = [f"{n} is missing" for n in expected if n not in found]
-    problems += [f"{n} is not in this model" for n in found if n not in expected]
-    problems += [f"{n} has shape {found[n]}, the config needs {expected[n]}"
-                 for n in expected if n in found and found[n] != expected[n]]
-    if problems:
-        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
-        raise ExportError(f"{source} does not fit its {MODEL_CONFIG}: {shown}")
-
-
 def load_safetensors(folder: Path) -> tuple[GPT, Config]:
     """The model (CPU, eval mode) and config that write_safetensors wrote to `folder`."""
     from safetensors import SafetensorError
@@ -68,7 +55,7 @@ def load_safetensors(folder: Path) -> tuple[GPT, Config]:
         raise ExportError(f"{folder / WEIGHTS}: not a readable safetensors file ({e})") from e
     check_finite({"model": weights}, folder / WEIGHTS)
     model = GPT.from_config(cfg)
-    check_shapes(weights, model, folder / WEIGHTS)
+    check_weights_fit(weights, model, f"{folder / WEIGHTS} does not fit its {MODEL_CONFIG}")
     model.load_state_dict(weights)
     return model.eval(), cfg
 

@@ -1,5 +1,4 @@
 """charlm.memory: the memory model against the real GPT, its monotonicity, and the planner's choices."""
-import dataclasses
 import re
 import weakref
 
