@@ -23,7 +23,6 @@ from charlm.checkpoint import CheckpointError, RunCheckpoints, RunStopped
 from charlm.config import Config
 from charlm.data import DataError, category_spans, dataset_fingerprint, with_dataset
 from charlm.console import format_row, progress
-from charlm.export import write_safetensors
 from charlm.gpu import GPUMonitor, peak_bf16_flops
 from charlm.loader import BatchLoader, splitmix64
 from charlm.loggers import open_logger
@@ -32,6 +31,7 @@ from charlm.model import GPT, flops_per_token, pick_impls
 from charlm.runlog import append_metrics, plot_curves, truncate_metrics
 from charlm.runtime import (SINGLE_PROCESS, DistContext, all_reduce_mean, autocast, bits_per_char,
                             resolve_device)
+from charlm.weights import write_safetensors
 
 
 def lr_at(step: int, cfg: Config) -> float:

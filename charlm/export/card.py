@@ -6,7 +6,7 @@ from pathlib import Path
 
 from charlm.config import Config
 from charlm.data import DataError, dataset_fingerprint, load_meta
-from charlm.export.weights import ExportError
+from charlm.weights import ExportError
 
 TOKENIZER = "charlm_tokenizer.json"
 

@@ -19,7 +19,7 @@ from charlm.config import Config
 from charlm.eval import load_model
 from charlm.export.card import TOKENIZER, model_card, read_eval, run_meta, tokenizer_table
 from charlm.export.hf import hf_model
-from charlm.export.weights import ExportError
+from charlm.weights import ExportError
 from charlm.io import atomic_dir
 from charlm.model import GPT
 

@@ -8,7 +8,7 @@ import itertools
 import torch
 
 from charlm.config import Config, ModelConfig
-from charlm.export.weights import cpu_state_dict
+from charlm.weights import cpu_state_dict
 
 LAYER_NORM_EPS = 1e-5  # torch's nn.LayerNorm default, which charlm uses
 

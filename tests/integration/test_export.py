@@ -13,7 +13,7 @@ from charlm.config import Config, resolve
 from charlm.data import encode_text, load_meta, prepare
 from charlm.export.card import TOKENIZER
 from charlm.export.command import main
-from charlm.export.weights import MODEL_CONFIG, WEIGHTS, ExportError, load_safetensors, write_safetensors
+from charlm.weights import MODEL_CONFIG, WEIGHTS, ExportError, load_safetensors, write_safetensors
 from charlm.kernels import rope
 from charlm.model import GPT
 
