@@ -1,5 +1,6 @@
 """The command: python -m charlm.study --budget B [--conditions ...] (see the package's docstring)."""
 import argparse
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -49,8 +50,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                             "and post-training (default %(default)s)")
     add_config_args(parser.add_argument_group("training (applies to every run)"), exclude=STUDY_OWNED)
     args = parser.parse_args(argv)
-    if args.seeds < 1 or args.budget <= 0:
-        parser.error("--seeds and --budget must be positive")
+    if args.seeds < 1 or not (math.isfinite(args.budget) and args.budget > 0):
+        parser.error(f"--seeds must be positive ({args.seeds}) and --budget a positive finite number ({args.budget})")
     if args.out_dir is None and not args.plan_only:
         parser.error("--out-dir is required (the study folder, e.g. studies/NAME)")
     args.experts_split = parse_split(args.experts_split, parser)

@@ -1,5 +1,5 @@
 """Hostile input to runs: what is loaded from disk never runs code, nothing outside the run folder is touched,
-and no run's history is wiped without the user saying so. 56 cases:
+and no run's history is wiped without the user saying so. 60 cases:
 
 - 4 crafted pickles, through charlm.eval, charlm.sample, --resume and --init-from (none runs its payload);
 - 4 damaged manifests (absolute path, ../ path, a non-integer step, not JSON): nothing outside the run folder
@@ -11,7 +11,8 @@ and no run's history is wiped without the user saying so. 56 cases:
 - 3 eval cases: --batch-size -1, --stride -1, a write that fails after the figures are printed;
 - 4 path flags: --init-from missing, --out-dir a file, config.json not JSON, config.json of the wrong type;
 - 27 numeric and choice flags at 0, negative, nan, inf, overflow or an unknown value (one error line each);
-- a second trainer on a folder in use, temporaries of killed writes, malformed metrics lines.
+- a second trainer on a folder in use, temporaries of killed writes, malformed metrics lines;
+- 4 study budgets (nan, inf, negative, zero).
 Every refusal is one `error: ...` line naming the file or flag, and a non-zero exit.
 """
 import json
@@ -269,3 +270,13 @@ def test_malformed_metrics_lines_neither_stop_a_resume_nor_the_plot(trained, tin
     steps = [json.loads(line)["step"] for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert (trained / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("budget", ["nan", "inf", "-1", "0"])
+def test_a_study_budget_that_is_not_a_positive_number_is_one_line(budget, capsys):
+    from charlm.study.__main__ import main as study_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        study_main(["--budget", budget, "--plan-only"])
+    assert exit_info.value.code == 2
+    assert f"--budget a positive finite number ({float(budget)})" in capsys.readouterr().err
