@@ -77,6 +77,8 @@ def _main(argv: list[str]) -> None:
     with distributed(scheme.base.device) as ctx:
         report = run_scheme(scheme, ctx)
     ctx.print(report)
+    ctx.print(f"wrote {scheme.out_dir / 'report.md'} and {scheme.out_dir / 'finetune_curves.png'} (each stage's run "
+              f"folder is under {scheme.out_dir}); python -m charlm.experts report {scheme.out_dir} writes them again")
 
 
 def main(argv=None) -> None:
