@@ -118,6 +118,8 @@ class Config:
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     max_memory_gb: float = option(0.0, "plan for (and cap the process at) this much GPU memory; 0: the whole card")
     resume: bool = option(False, "continue from the run folder's newest intact checkpoint")
+    stop_at: int = option(0, "stop at this step with a checkpoint, the schedule still that of max_iters (a "
+                             "time-sliced job: --resume continues it); 0: train to max_iters")
     extend: bool = option(False, "with --resume and a larger --max-iters: train a finished run further, the LR "
                                  "held at its final value (the cosine still ends where it ended)")
     overwrite: bool = option(False, "start over in a run folder that holds a training history (deletes its "
@@ -199,7 +201,7 @@ def flat_fields(data: dict, source: str) -> dict:
 
 
 # What a command is asked to do, not what a run is: never taken from a config file.
-ACTIONS = ("resume", "overwrite", "extend", "plan_only")
+ACTIONS = ("resume", "overwrite", "extend", "plan_only", "stop_at")
 
 
 def read_config_file(path: Path) -> dict:
@@ -290,6 +292,7 @@ def _range_errors(cfg: Config) -> list[str]:
         (_finite(cfg.weight_decay, cfg.grad_clip, cfg.beta1, cfg.beta2) and cfg.weight_decay >= 0
          and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
          "weight_decay and grad_clip must be non-negative and beta1, beta2 in [0, 1)"),
+        (cfg.stop_at >= 0, f"stop_at must be 0 (max_iters) or a step, got {cfg.stop_at}"),
         (cfg.lr_decay_iters >= 0, f"lr_decay_iters must be 0 (max_iters) or more, got {cfg.lr_decay_iters}"),
         (cfg.keep_checkpoints >= 1 and cfg.max_bad_steps >= 1 and cfg.ckpt_interval >= 0,
          "keep_checkpoints and max_bad_steps must be at least 1 and ckpt_interval non-negative"),

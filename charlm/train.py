@@ -17,7 +17,7 @@ import argparse
 import json
 
 from charlm import cli
-from charlm.config import PRESETS, VARIANTS, Config, add_config_args, config_from_args, given_flags, read_config_file
+from charlm.config import ACTIONS, PRESETS, VARIANTS, Config, add_config_args, config_from_args, given_flags, read_config_file
 
 
 def variants_and_presets() -> str:
@@ -73,7 +73,8 @@ def resumed_config(saved: Config, given: dict) -> Config:
         raise ValueError(f"--max-iters {new_iters}: the run was planned for {saved.max_iters} steps, and its LR "
                          f"schedule with it; pass --extend to train it to {new_iters} with the LR held at its "
                          f"final value, or drop --max-iters")
-    cfg = saved.replace(**given)
+    actions = {name: getattr(Config(), name) for name in ACTIONS}  # what the run was asked to do then
+    cfg = saved.replace(**{**actions, **given})
     cfg.validate()
     return cfg
 

@@ -1,7 +1,7 @@
 """The Trainer: builds a run (model, optimizer, loaders, memory plan) and trains it step by step.
 
     trainer = train(cfg)            # resume or start, then run to cfg.max_iters; returns the Trainer
-    Trainer(cfg, ctx).run(until=N)  # the same loop, stopping at step N
+    Trainer(cfg, ctx).run(until=N)  # the same loop, stopping at step N (cfg.stop_at from the command line)
 
 Each logged step is one row of the run's metrics.jsonl (charlm.runlog); checkpoints follow the policy of
 charlm.checkpoint.RunCheckpoints. The command line is charlm.train.
@@ -368,6 +368,7 @@ class Trainer:
         self._start()
         row: dict = {}
         bar = progress(total=cfg.max_iters, initial=self.step, disable=self.quiet, unit="step")
+        until = until if until is not None else cfg.stop_at or None
         stop = min(cfg.max_iters, until if until is not None else cfg.max_iters)
         with GPUMonitor(self.device) as monitor, self._stop_on_signals(), \
                 open_logger(cfg.logger, self.run_dir, cfg, self.step, self.ctx.is_master) as logger:

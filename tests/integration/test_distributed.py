@@ -35,8 +35,8 @@ def losses(run_dir):
 def test_two_ranks_match_one_and_resume_in_one(tiny_dataset, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     run([sys.executable, *args(tiny_dataset, single, 12)])
-    run([*TORCHRUN, *args(tiny_dataset, ddp, 6)])
-    # The 2-rank checkpoint continues in one process, on the same LR schedule (max_iters given again).
+    run([*TORCHRUN, *args(tiny_dataset, ddp, 12), "--stop-at", "6"])
+    # The 2-rank checkpoint continues in one process, on the same LR schedule.
     run([sys.executable, *args(tiny_dataset, ddp, 12), "--resume"])
 
     expected, got = losses(single), losses(ddp)
@@ -54,7 +54,7 @@ def test_a_two_rank_run_with_dropout_resumes_exactly(tiny_dataset, tmp_path):
     exactly as the uninterrupted one."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run([*TORCHRUN, *args(tiny_dataset, straight, 8), "--dropout", "0.1"])
-    run([*TORCHRUN, *args(tiny_dataset, resumed, 4), "--dropout", "0.1"])
+    run([*TORCHRUN, *args(tiny_dataset, resumed, 8), "--dropout", "0.1", "--stop-at", "4"])
     run([*TORCHRUN, *args(tiny_dataset, resumed, 8), "--dropout", "0.1", "--resume"])
     # Train losses match step for step (the first invocation also evaluated at its last step, 4).
     assert [r[:2] for r in losses(resumed)] == [r[:2] for r in losses(straight)]

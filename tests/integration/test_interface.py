@@ -143,3 +143,15 @@ def test_curves_show_the_learning_rate_and_where_the_run_was_resumed(tiny_datase
     lr_lines = [args for args in drawn["plot"] if list(args[1]) == [r["lr"] for r in logged]]
     assert lr_lines and list(lr_lines[-1][0]) == [r["step"] for r in logged]
     assert marks[-2:] == [3, 3]  # one dashed line on each panel
+
+
+def test_stop_at_pauses_a_run_on_its_own_schedule_and_resume_finishes_it(tiny_dataset, tmp_path):
+    straight, paused = tmp_path / "straight", tmp_path / "paused"
+    train_main(run_args(tiny_dataset, straight))
+    train_main(run_args(tiny_dataset, paused, "--stop-at", "3"))
+    assert [r["step"] for r in rows(paused)] == [1, 2, 3] and (paused / "ckpt_00000003.pt").is_file()
+    assert not (paused / "model.safetensors").exists()  # not the final weights yet
+    train_main(run_args(tiny_dataset, paused, "--resume"))  # --stop-at is not remembered
+    keys = ("step", "train_loss", "lr", "val_loss")
+    assert [{k: r.get(k) for k in keys} for r in rows(paused)] == [{k: r.get(k) for k in keys} for r in rows(straight)]
+    assert (paused / "model.safetensors").is_file()
