@@ -32,13 +32,18 @@ refused), which weights each stage started from (a stage whose predecessor has s
 refused, not silently mixed), every stage's results and the selection. Under torchrun every stage trains
 and evaluates data-parallel over the ranks (`torchrun --nproc_per_node 8 -m charlm.experts ...`).
 """
-from charlm.experts.report import write_report
-from charlm.experts.run import run_scheme
-from charlm.experts.scheme import (Scheme, SchemeError, Stage, category_names, check_subsets, checkpoint_step,
-                                   parse_order)
-from charlm.experts.state import read_state
+import importlib
 
 # Reading order: scheme (the stages and the checks before any training), state (scheme.json), report (report.md
 # and the fine-tuning curves), run (training, evaluating and recording the stages), __main__ (the command).
-__all__ = ["Scheme", "SchemeError", "Stage", "category_names", "check_subsets", "checkpoint_step", "parse_order",
-           "read_state", "run_scheme", "write_report"]
+# The names are loaded on first use: `python -m charlm.experts --help` should not wait for torch.
+_NAMES = {"Scheme": "scheme", "SchemeError": "scheme", "Stage": "scheme", "category_names": "scheme",
+          "check_subsets": "scheme", "checkpoint_step": "scheme", "parse_order": "scheme", "read_state": "state",
+          "run_scheme": "run", "write_report": "report"}
+__all__ = list(_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

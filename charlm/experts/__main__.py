@@ -6,13 +6,6 @@ from pathlib import Path
 import charlm.experts
 from charlm import cli
 from charlm.config import add_config_args, config_from_args
-from charlm.data import with_dataset
-from charlm.experts.report import write_report
-from charlm.experts.run import run_scheme
-from charlm.experts.scheme import (Scheme, SchemeError, category_names, check_subsets, checkpoint_step, parse_order,
-                                   pretrained_checkpoint)
-from charlm.runtime import distributed
-from charlm.trainer import plan_only
 
 # Flags of charlm.train that the scheme sets per stage.
 STAGE_FIELDS = ("max_iters", "category", "init_from", "resume")
@@ -35,8 +28,13 @@ def scheme_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_scheme(args: argparse.Namespace) -> Scheme:
+def build_scheme(args: argparse.Namespace):
     """The scheme of the command line, every argument checked before any training."""
+    # Imported here, as in _main: --help and argument errors should not wait for torch to load.
+    from charlm.data import with_dataset
+    from charlm.experts.scheme import (Scheme, SchemeError, category_names, check_subsets, checkpoint_step,
+                                       parse_order, pretrained_checkpoint)
+
     cfg = config_from_args(args)
     if args.keep_checkpoints is None:  # a stage needs only its newest: to resume it and to start the next
         cfg = cfg.replace(keep_checkpoints=1)
@@ -68,9 +66,15 @@ def _main(argv: list[str]) -> None:
         parser = argparse.ArgumentParser(prog="python -m charlm.experts report",
                                          description="Write a scheme folder's report.md and finetune_curves.png.")
         parser.add_argument("scheme_dir", type=Path, help="the scheme's --out-dir")
-        print(write_report(parser.parse_args(argv[1:]).scheme_dir))
+        scheme_dir = parser.parse_args(argv[1:]).scheme_dir
+        from charlm.experts.report import write_report
+        print(write_report(scheme_dir))
         return
     scheme = build_scheme(scheme_parser().parse_args(argv))
+    from charlm.experts.run import run_scheme
+    from charlm.runtime import distributed
+    from charlm.trainer import plan_only
+
     if scheme.base.plan_only:
         print(plan_only(scheme.base).describe())
         return

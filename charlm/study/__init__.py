@@ -43,3 +43,12 @@ described at the end of --help and in results.md.
 
 # Reading order: plan (conditions, budget, steps, the dataset), run (study.json, training and evaluating each
 # run, result.json), stats (over seeds), report (results.md and results.png), __main__ (the command).
+
+# The study's settings, shared by the command's flags and its plan.
+EXPERTS_CATEGORIES = "keywords"  # --experts-categories: the dataset's categorisation (charlm.categorize)
+EXPERTS_SPLIT = (0.5, 0.4, 0.1)  # --experts-split: shares of an experts run's steps for pre, fine and post
+# Config fields the study sets itself, so they are not flags of it.
+STUDY_OWNED = ("variant", "max_iters", "seed", "out_dir", "resume", "init_from", "plan_only", "category")
+# Flags that may change between invocations of one study without changing its results.
+RUNTIME_FIELDS = ("device", "compile", "compile_mode", "attn", "rope_impl", "max_memory_gb", "micro_batch_size",
+                  "checkpoint_layers", "log_interval", "keep_checkpoints", "data_root")

@@ -6,6 +6,7 @@ from pathlib import Path
 from charlm.config import Config, resolve
 from charlm.data import DataError, load_meta, prepare_command, with_dataset
 from charlm.errors import CharlmError
+from charlm.study import EXPERTS_CATEGORIES, EXPERTS_SPLIT
 from charlm.experts import Scheme, category_names, check_subsets, parse_order
 from charlm.model import flops_per_token, parameter_counts, position_parameters
 
@@ -15,7 +16,6 @@ FLOPS_PER_TOKEN = "6 (N - V C) + 6 L T C"
 EXPERTS_PREFIX = "experts:"  # `experts:VARIANT` conditions come from charlm.experts
 UNITS = {"flops": "FLOPs", "tokens": "tokens"}  # --budget-unit, as printed
 # experts:VARIANT: shares of a run's steps for pre-training, all fine-tunes together, and post-training
-EXPERTS_SPLIT = (0.5, 0.4, 0.1)
 
 
 class StudyError(CharlmError, ValueError):
@@ -25,7 +25,7 @@ class StudyError(CharlmError, ValueError):
 @dataclasses.dataclass(frozen=True)
 class ExpertOptions:
     """How `experts:VARIANT` conditions run charlm.experts' scheme (--experts-categories, -order, -split)."""
-    categories: str = "keywords"  # the dataset's categorisation (charlm.categorize)
+    categories: str = EXPERTS_CATEGORIES  # the dataset's categorisation (charlm.categorize)
     order: str | None = None  # comma-separated categories to fine-tune on, in order; None: all
     split: tuple[float, float, float] = EXPERTS_SPLIT  # shares of the steps: pre-training, fine-tunes, post-training
 

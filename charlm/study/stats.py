@@ -4,7 +4,6 @@ import statistics
 import textwrap
 from typing import NamedTuple
 
-from scipy import stats
 
 CONFIDENCE = 0.95
 REFERENCE = "base"  # the condition differences are measured from, when it is run
@@ -54,6 +53,8 @@ def welch_interval(sample: list[float], reference: list[float], level: float = C
         return Difference(diff, None, None)
     if statistics.stdev(sample) == statistics.stdev(reference) == 0:  # no spread: the interval is the point
         return Difference(diff, diff, diff)
+    from scipy import stats  # here: `python -m charlm.study --help` shows this module's text without scipy
+
     low, high = stats.ttest_ind(sample, reference, equal_var=False).confidence_interval(level)
     return Difference(diff, float(low), float(high))
 

@@ -155,3 +155,13 @@ def test_stop_at_pauses_a_run_on_its_own_schedule_and_resume_finishes_it(tiny_da
     keys = ("step", "train_loss", "lr", "val_loss")
     assert [{k: r.get(k) for k in keys} for r in rows(paused)] == [{k: r.get(k) for k in keys} for r in rows(straight)]
     assert (paused / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("module", ["charlm.train", "charlm.experts.__main__", "charlm.study.__main__", "charlm.__main__"])
+def test_the_commands_with_training_flags_answer_help_without_loading_torch(module):
+    code = (f"import sys, contextlib, io\nfrom {module} import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+            "    main(['--help'])\n"
+            "assert 'usage' in out.getvalue(), out.getvalue()\nprint('torch loaded:', 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "torch loaded: False" in done.stdout, done.stdout + done.stderr

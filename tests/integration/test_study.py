@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from charlm.study import plan, report, stats
-from charlm.study.__main__ import main, parse_args, plan_study
+from charlm.study.__main__ import main, parse_args
+from charlm.study.command import plan_study
 from charlm.study.run import check_study_settings, run_config
 from charlm.eval import load_model, scoring_windows
 from charlm.tipa import reverse_positions
