@@ -25,6 +25,11 @@ from charlm.runlog import METRICS, read_metrics
 
 MANIFEST = "checkpoints.json"
 FORMAT = 1  # bump when the checkpoint layout changes incompatibly
+CKPT_NAME = re.compile(r"ckpt_(\d{8,})\.pt")
+BEST = "best.pt"
+SHA256 = re.compile(r"[0-9a-f]{64}")
+LOCK = ".lock"  # held by the process training in the folder (charlm.io.exclusive_lock)
+TEMPORARY = re.compile(r"\.(.+)\.[^.]+\.tmp")  # .NAME.<random>.tmp: charlm.io.atomic_write's temporaries
 
 
 class CheckpointError(CharlmError, ValueError):
@@ -42,13 +47,6 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
-
-
-CKPT_NAME = re.compile(r"ckpt_(\d{8,})\.pt")
-BEST = "best.pt"
-SHA256 = re.compile(r"[0-9a-f]{64}")
-LOCK = ".lock"  # held by the process training in the folder (charlm.io.exclusive_lock)
-TEMPORARY = re.compile(r"\.(.+)\.[^.]+\.tmp")  # .NAME.<random>.tmp: charlm.io.atomic_write's temporaries
 
 
 def _is_count(value) -> bool:
