@@ -122,7 +122,7 @@ class Timing:
         return {"ms": self.median, "ms_min": self.min, "ms_p80": self.p80}
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 2, rep: int = 5, device=None) -> Timing:
+def time_ms(fn: Callable[[], object], warmup: int = 1, rep: int = 3, device=None) -> Timing:
     """Time fn(). On a GPU, triton.testing.do_bench: CUDA events around each call, L2 flushed before each
     (a 256 MB buffer is zeroed), as many calls as fit in 100 ms after 25 ms of warm-up. On the CPU (dry
     runs: the plumbing, not the figures) warmup untimed and rep timed calls of perf_counter."""

@@ -90,7 +90,7 @@ def measure_case(name: str, args, history: History) -> None:
     overrides = {"n_embd": int(width), "n_head": int(width) // DEEP_HEAD_DIM}
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(synthetic_dataset(Path(tmp)), Path(tmp) / "run", "deep", overrides, "charlm",
-                               preset="tiny" if args.dry_run else "", batch_size=4 if args.dry_run else 64,
+                               preset="tiny" if args.dry_run else "", batch_size=2 if args.dry_run else 64,
                                max_memory_gb=args.max_memory_gb, compile=mode == "compiled")
         device, plan = trainer.device, trainer.plan
         case = {"name": name, "variant": "deep", **model_case(trainer), "max_memory_gb": args.max_memory_gb}
