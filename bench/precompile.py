@@ -49,11 +49,12 @@ class Job:
 
 
 def timed_shapes() -> list[tuple]:
-    """(T, H, D, fused RoPE) of every attention call bench/ times: bench/attn.py's cases with and without
-    RoPE, and DEEP's blocks at each width (learned positions: no RoPE)."""
-    attn = [(T, H, D, rope) for _, T, H, D in ATTN_CASES for rope in (False, True)]
-    deep = [(DEEP_BLOCK_SIZE, width // DEEP_HEAD_DIM, DEEP_HEAD_DIM, False) for width in DEEP_WIDTHS]
-    return attn + deep
+    """(T, H, D, fused RoPE) of every attention call bench/ times: bench/attn.py's cases and DEEP's blocks
+    at each width, with and without RoPE (DEEP trains with learned positions; bench/run_all.py's GPU kernel
+    test runs DEEP's shape with RoPE)."""
+    attn = [(T, H, D) for _, T, H, D in ATTN_CASES]
+    deep = [(DEEP_BLOCK_SIZE, width // DEEP_HEAD_DIM, DEEP_HEAD_DIM) for width in DEEP_WIDTHS]
+    return [(*shape, rope) for shape in attn + deep for rope in (False, True)]
 
 
 def jobs_for(shapes: list[tuple], capability_major: int, smem_budget: int) -> list[Job]:

@@ -111,3 +111,16 @@ def test_without_an_install_charlm_imports_from_the_source_tree(tmp_path):
     assert package.startswith(str(folder)) and kernel.startswith(str(folder / "charlm" / "kernels"))
     assert Path(kernel).resolve() == ROOT / "kernels" / "flash_attn.py"
     shutil.rmtree(folder)
+
+
+def test_a_failing_summary_still_leaves_the_stages_in_report_md(monkeypatch, tmp_path):
+    _fake_stages(monkeypatch, {"train": "print('measured')"})
+
+    def broken(rows):
+        raise KeyError("tokens_per_s")
+    monkeypatch.setattr(run_all, "claims", broken)
+    run_all.main(["--dry-run", "--out", str(tmp_path / "out"), "--budget", "600"])
+
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "no summary (KeyError: 'tokens_per_s')" in report and "| train | ok |" in report
+    assert "measured" in (tmp_path / "out" / "run.log").read_text()

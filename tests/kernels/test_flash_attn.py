@@ -245,6 +245,13 @@ def test_gpu_masking_and_rope_at_length(causal, rope_theta):
 
 
 @pytest.mark.gpu
+def test_gpu_deep_shape_with_fused_rope():
+    # DEEP's attention (T = 512, 8 heads of 64) as the model calls it: bench/run_all.sh's GPU kernel test,
+    # whose autotune candidates bench/precompile.py compiles ahead.
+    check_against_reference(*make_qkv(4, 512, 8, 64, torch.bfloat16, "cuda", "fused_qkv"), rope_theta=THETA)
+
+
+@pytest.mark.gpu
 def test_gpu_backward_is_deterministic():
     q, k, v = make_qkv(4, 512, 8, 64, torch.bfloat16, "cuda", "fused_qkv")
     do = torch.randn_like(q)
