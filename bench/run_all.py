@@ -116,29 +116,31 @@ class Run:
         self.say(f"$ {' '.join(argv)}")
         proc = subprocess.Popen(argv, cwd=cwd, env={**self.env, **(env or {})}, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        reader = threading.Thread(target=lambda: [self.say(f"  {line.rstrip()}") for line in proc.stdout])
+        reader = threading.Thread(target=lambda: [self.say(f"  {line.rstrip()}") for line in proc.stdout],
+                                  daemon=True)
         reader.start()
         try:
             return proc.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
             stage.notes.append(f"stopped at its {timeout:.0f} s timeout")
             return None
-        finally:  # a timeout, or Interrupted: the stage's processes go with it
-            if proc.poll() is None:
-                _end_group(proc)
+        finally:  # however the stage ended (a timeout, Interrupted), no process of it outlives it
+            _end_group(proc)
             reader.join(timeout=10)
 
 
 def _end_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group this driver started, SIGKILL 5 s later if it is still there."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+    """SIGTERM to the process group this driver started for a stage (its children included), then, once the
+    stage's process has ended or 5 s have passed, SIGKILL to whatever is left of the group."""
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # the whole group is gone
+            return
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 # --- stages -----------------------------------------------------------------------------------------------

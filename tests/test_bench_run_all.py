@@ -21,8 +21,8 @@ def test_dry_run_walks_every_stage_and_writes_every_file(tmp_path):
     main_history = ROOT / "bench" / "results" / "history.jsonl"
     before = main_history.read_bytes() if main_history.is_file() else None
     out_dir = tmp_path / "out"
-    done = subprocess.run([str(ROOT / "bench" / "run_all.sh"), "--dry-run", "--out", str(out_dir), "--budget", "170"],
-                          capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHON": sys.executable})
+    done = subprocess.run([str(ROOT / "bench" / "run_all.sh"), "--dry-run", "--out", str(out_dir), "--budget", "300"],
+                          capture_output=True, text=True, timeout=400, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]
 
     rows = [json.loads(line) for line in (out_dir / "run.jsonl").read_text().splitlines()]
