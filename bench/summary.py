@@ -51,9 +51,10 @@ def _missing(claim: str, goal: tuple[str, float], stage: str) -> Line:
 
 
 def training(rows: list[dict]) -> list[Line]:
-    charlm, base = _latest(rows, bench="train", impl="charlm", name="deep"), _latest(rows, bench="train",
-                                                                                     impl="baseline", name="deep")
-    speed, memory = "DEEP training tokens/s, charlm vs nanoGPT-style", "DEEP training peak memory, charlm vs nanoGPT-style"
+    charlm = _latest(rows, bench="train", impl="charlm", name="deep")
+    base = _latest(rows, bench="train", impl="baseline", name="deep")
+    speed = "DEEP training tokens/s, charlm vs nanoGPT-style"
+    memory = "DEEP training peak memory, charlm vs nanoGPT-style"
     if not (charlm and base):
         return [_missing(speed, FASTER, "train"), _missing(memory, NO_MORE, "train")]
     lines = [Line(speed, _amount(charlm["tokens_per_s"], "tok/s"), _amount(base["tokens_per_s"], "tok/s"),
@@ -77,7 +78,8 @@ def memory_planner(rows: list[dict]) -> list[Line]:
     for r in cases:
         measured = r.get("allocated_gb")
         lines.append(Line(f"memory planner, DEEP {r['case']['name']}: allocated / predicted",
-                          "-" if measured is None else _amount(measured, "GB"), _amount(r["predicted_tensors_gb"], "GB"),
+                          "-" if measured is None else _amount(measured, "GB"),
+                          _amount(r["predicted_tensors_gb"], "GB"),
                           None if measured is None else measured / r["predicted_tensors_gb"], NO_MORE,
                           r.get("oom") or f"micro-batch {r['case']['micro_batch']}, checkpointed "
                                           f"{r['case']['checkpoint_layers']}"))
@@ -114,8 +116,8 @@ def attention(rows: list[dict]) -> list[Line]:
                               FASTER, _amount(case_rows["triton"]["tflops"], "TFLOP/s")))
         if "triton+rope" in case_rows and "rope+triton" in case_rows:
             fused, unfused = case_rows["triton+rope"]["ms"], case_rows["rope+triton"]["ms"]
-            lines.append(Line(f"{label}, RoPE fused vs apply_rope + triton", _amount(fused, "ms"), _amount(unfused, "ms"),
-                              unfused / fused, FASTER))
+            lines.append(Line(f"{label}, RoPE fused vs apply_rope + triton", _amount(fused, "ms"),
+                              _amount(unfused, "ms"), unfused / fused, FASTER))
     return lines
 
 

@@ -42,7 +42,8 @@ def test_train_bench_compares_both_configurations_on_the_cpu(tmp_path):
     assert "MFU = (6 (N - V n_embd) + 6 n_layer block_size n_embd)" in out
     assert "PyTorch references" in out  # the CPU smoke test does not go through Triton's interpreter
     recorded = history_rows(history)
-    assert [(r["bench"], r["impl"], r["run"]) for r in recorded] == [("train", "baseline", "r1"), ("train", "charlm", "r1")]
+    assert [(r["bench"], r["impl"], r["run"]) for r in recorded] == [("train", "baseline", "r1"),
+                                                                      ("train", "charlm", "r1")]
     assert all(r["ms_min"] <= r["ms"] <= r["ms_p80"] for r in recorded)
 
 

@@ -46,14 +46,16 @@ def test_every_kernel_shape_and_target_keeps_configs(reports):
     for target in precompile.TARGETS:
         for T, H, D, rope in SHAPES:
             for kernel in precompile.KERNELS:
-                kept = [job for (t, job) in reports if t == target and (job.kernel, job.D, job.rope) == (kernel, D, rope)]
+                kept = [job for (t, job) in reports
+                        if t == target and (job.kernel, job.D, job.rope) == (kernel, D, rope)]
                 assert kept, f"{target} {kernel} D={D} rope={rope}: no config kept"
 
 
 @pytest.mark.parametrize("target", list(precompile.TARGETS))
 def test_kept_configs_fit_shared_memory(reports, target):
     budget = precompile.TARGETS[target][1]
-    over = [f"{_label(t, job)}: {r['shared']} B" for (t, job), r in reports.items() if t == target and r["shared"] > budget]
+    over = [f"{_label(t, job)}: {r['shared']} B" for (t, job), r in reports.items()
+            if t == target and r["shared"] > budget]
     assert not over, f"over the {budget} B of shared memory per block:\n" + "\n".join(over)
     assert all(r["shared"] > 0 for (t, _), r in reports.items() if t == target)  # the tiles are staged there
 
