@@ -1,11 +1,12 @@
 """Every benchmark on a bare GPU machine in one call, inside a time budget, with a report however it ends.
 
-On a GPU machine, from the repository's root, in one call (no network needed; the machine's own torch,
-Triton, pybind11, CMake and ninja are used):
+On a GPU machine, from the repository's root, in one call that may run 10 minutes (it ends within its
+--budget, 480 s by default, report included; no network needed: the machine's own torch, Triton,
+pybind11, CMake and ninja are used):
 
-    bench/run_all.sh --out OUT              # 480 s by default; leaves the GPU's last minutes to spare
-    bench/run_all.sh --out OUT --budget 300 --full --max-memory-gb 80
-    bench/run_all.sh --dry-run --out DIR    # no GPU: every stage on the CPU with tiny shapes (< 3 minutes)
+    bash bench/run_all.sh --out OUT
+    bash bench/run_all.sh --out OUT --budget 300 --full --max-memory-gb 80
+    bash bench/run_all.sh --dry-run --out DIR    # no GPU: every stage on the CPU, tiny shapes, < 3 minutes
 
 What comes back, in OUT (default bench/results/):
     report.md      the one-screen summary: each claim, its figure, its baseline measured in the same run,

@@ -45,7 +45,7 @@ def test_help_says_how_to_run_it_on_a_gpu_and_what_comes_back():
     done = subprocess.run([str(ROOT / "bench" / "run_all.sh"), "--help"], capture_output=True, text=True,
                           timeout=60, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0
-    for words in ("bench/run_all.sh --out OUT", "report.md", "run.log", "run.jsonl", "history.jsonl", "--budget",
+    for words in ("bash bench/run_all.sh --out OUT", "report.md", "run.log", "run.jsonl", "history.jsonl", "--budget",
                   "--dry-run", "PASS/FAIL"):
         assert words in done.stdout, words
 
