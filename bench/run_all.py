@@ -55,9 +55,10 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# This driver runs before charlm is installed: its own imports (charlm.io, through report.py too) come from
-# the source tree. The stages get only what the install stage sets up.
-sys.path.insert(1, str(ROOT))
+# This driver runs before charlm is installed: its own imports (charlm.io, through report.py too) then come
+# from the source tree, last on the path so that an installed charlm comes first. The stages get only what
+# the install stage sets up.
+sys.path.append(str(ROOT))
 
 from common import HISTORY, device_name  # noqa: E402
 from report import read_history  # noqa: E402
