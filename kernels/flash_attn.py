@@ -378,8 +378,9 @@ _SPILLING_CONFIGS = {
         ("dq", 64, False): [(128, 32, 4, 3), (64, 16, 4, 4)],  # 20 B, 8 B
         ("dq", 64, True): [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 2)],  # 280 B to 540 B
         ("dq", 128, False): [(128, 64, 8, 2)],  # 96 B
-        ("dq", 128, True): [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (64, 16, 4, 4)]},
-}  # the last: 248 B to 23 KB
+        ("dq", 128, True): [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2),
+                            (64, 16, 4, 4)]},  # 248 B to 23 KB
+}
 # The interpreter would "benchmark" every candidate on the CPU: it gets one small config, with unequal
 # BLOCK_M and BLOCK_N so that tests at small T cover unmasked and diagonal tiles alike.
 _INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
