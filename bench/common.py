@@ -141,13 +141,6 @@ def time_ms(fn: Callable[[], object], warmup: int = 1, rep: int = 3, device=None
     return Timing.of(times)
 
 
-def peak_memory_gb(device=None) -> float | None:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda":
-        return None
-    return torch.cuda.max_memory_allocated(device) / 2**30
-
-
 def record(bench: str, impl: str, case: dict, ms: "float | Timing", *, baseline: bool = False, tflops=None,
            gbps=None, tokens_per_s=None, peak_mem_gb=None, device=None, **extra) -> dict:
     """One history row in DESIGN.md's format; ms is the median, and a Timing adds ms_min and ms_p80. Extra
@@ -169,13 +162,16 @@ def append_history(rows: list[dict], path: Path = HISTORY) -> None:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def text_table(header: list[str], cells: list[list[str]]) -> str:
+    """An aligned plain-text table: the header, then one line per row of cells."""
+    widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(header)]
+    lines = [header, *cells]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     """Print rows (dicts) as an aligned plain-text table with the given columns."""
-    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    print(text_table(columns, [[_fmt(r.get(c)) for c in columns] for r in rows]))
 
 
 def _fmt(v) -> str:

@@ -9,7 +9,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from common import _fmt
+from common import _fmt, text_table
 from report import markdown_report
 
 
@@ -156,13 +156,6 @@ def loader(rows: list[dict]) -> list[Line]:
 
 def claims(rows: list[dict]) -> list[Line]:
     return [*training(rows), *memory_planner(rows), *attention(rows), *rope(rows), *loader(rows)]
-
-
-def text_table(header: list[str], cells: list[list[str]]) -> str:
-    widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
 
 
 def markdown_table(header: list[str], cells: list[list[str]]) -> str:
