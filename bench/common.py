@@ -141,10 +141,10 @@ def time_ms(fn: Callable[[], object], warmup: int = 1, rep: int = 3, device=None
     return Timing.of(times)
 
 
-def record(bench: str, impl: str, case: dict, ms: "float | Timing", *, baseline: bool = False, tflops=None,
-           gbps=None, tokens_per_s=None, peak_mem_gb=None, device=None, **extra) -> dict:
-    """One history row in DESIGN.md's format; ms is the median, and a Timing adds ms_min and ms_p80. Extra
-    keys (e.g. speedup, baseline_ms) are appended."""
+def record(bench: str, impl: str, case: dict, ms: "float | Timing | None", *, baseline: bool = False,
+           tflops=None, gbps=None, tokens_per_s=None, peak_mem_gb=None, device=None, **extra) -> dict:
+    """One history row in DESIGN.md's format; ms is the median (None: not timed, e.g. out of memory), and a
+    Timing adds ms_min and ms_p80. Extra keys (e.g. speedup, baseline_ms) are appended."""
     times = ms.fields() if isinstance(ms, Timing) else {"ms": ms}
     return {
         "bench": bench, "impl": impl, "baseline": baseline, "case": case, **times,

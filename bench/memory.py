@@ -97,7 +97,7 @@ def measure_case(name: str, args, history: History) -> None:
         try:
             timing, error = run_steps(trainer, device, *((1, 1) if args.dry_run else (WARMUP, STEPS))), None
         except torch.cuda.OutOfMemoryError as e:
-            timing, error = Timing(float("nan"), float("nan"), float("nan")), str(e).splitlines()[0]
+            timing, error = None, str(e).splitlines()[0]
         figures = {**predicted(plan), **measured(device, args.max_memory_gb)}
         if error:
             figures.update(fits=False, oom=error)
@@ -124,6 +124,8 @@ def main() -> None:
                         help="plan for and emulate a card of this many GB; 0: the whole card (default: 40)")
     parser.add_argument("--case", choices=cases(False), help="measure this case alone, in this process")
     args = parser.parse_args()
+    if args.max_memory_gb < 0:
+        parser.error(f"--max-memory-gb must be >= 0, got {args.max_memory_gb:g}")
     if not torch.cuda.is_available() and not args.dry_run:
         print("bench/memory.py: no CUDA GPU; --dry-run plans a tiny DEEP on the CPU (a smoke test)")
         return

@@ -182,6 +182,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.cases.split(",")) - {c[0] for c in CASES}
     if unknown:
         parser.error(f"--cases: unknown {', '.join(sorted(unknown))}; choose from {', '.join(c[0] for c in CASES)}")
+    if args.max_memory_gb < 0:
+        parser.error(f"--max-memory-gb must be >= 0, got {args.max_memory_gb:g}")
     if args.dry_run:
         vars(args).update(DRY_RUN)
     return args
