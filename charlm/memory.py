@@ -255,12 +255,20 @@ def device_capacity_bytes(device: torch.device | str, max_memory_gb: float = 0.0
 
 
 def cap_process_memory(device: torch.device | str, max_memory_gb: float) -> None:
-    """Limit this process's CUDA caching allocator to max_memory_gb (emulating a smaller card); off CUDA, nothing."""
+    """Emulate a card of max_memory_gb: cap this process's CUDA caching allocator at that less what lives
+    outside it (the CUDA context, library workspaces, loaded kernels; memory of other processes on the GPU
+    too). That grows as kernels load, so it counts as the larger of what is outside now and
+    CUDA_CONTEXT_BYTES, the plan's figure for it. Off CUDA, nothing."""
     device = torch.device(device)
     if device.type != "cuda" or max_memory_gb <= 0:
         return
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gb * GB / total), device)
+    free, total = torch.cuda.mem_get_info(device)  # creates the CUDA context if need be
+    outside = max(total - free - torch.cuda.memory_reserved(device), CUDA_CONTEXT_BYTES)
+    allocator = max_memory_gb * GB - outside
+    if allocator <= 0:
+        raise ValueError(f"max_memory_gb {max_memory_gb} leaves no memory for tensors: {outside / GB:.1f} GB of "
+                         f"the GPU are used outside PyTorch's allocator")
+    torch.cuda.set_per_process_memory_fraction(min(1.0, allocator / total), device)
 
 
 def format_oom(plan: MemoryPlan, exc: BaseException) -> str:

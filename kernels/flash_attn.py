@@ -346,9 +346,11 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, COS, SIN,
 
 # ----------------------------------------------------------------------------------------------------
 # Autotuning: a few candidates per kernel, chosen for the BASE (T=256) and DEEP (T=512) shapes at D=64 on
-# Hopper and Ampere (ptxas reports no register spills for them on Hopper; a few dkdv configs spill tens of
-# bytes on Ampere), pruned by length, shared memory and the register pressure of D=128 before any is
-# compiled. Key: T rounded up to a power of two, D, causal, RoPE, and the dtypes (triton adds them).
+# Hopper and Ampere, pruned before any is compiled by length, shared memory, the register pressure of
+# D=128, and the configs that ptxas spills registers for on the GPU's architecture. Key: T rounded up to a
+# power of two, D, causal, RoPE, and the dtypes (triton adds them). tests/kernels/test_offline_compile.py
+# compiles every kept config for sm_90a and sm_80 without a GPU and fails if one spills or overflows
+# shared memory; the spill figures below are what it measures.
 # ----------------------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). fwd and dq own BLOCK_M queries; dkdv owns BLOCK_N keys.
@@ -358,11 +360,33 @@ _FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4,
 _DKDV_CONFIGS = [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 2), (16, 64, 4, 4), (16, 32, 4, 3)]
 _DQ_CONFIGS = [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (64, 16, 4, 4),
                (32, 16, 4, 2)]
+# Configs (of those the accumulator rule keeps) that ptxas spills registers for, by compute capability
+# major and (kernel, D, fused RoPE), bf16, causal: the largest spill stores of Triton 3.6 and 3.9 in
+# bytes. Ampere spills where Hopper does not: its mma instructions take both operands from registers,
+# Hopper's wgmma reads at least one from shared memory.
+_SPILLING_CONFIGS = {
+    9: {("dkdv", 128, True): [(64, 64, 8, 2)],  # 88 B
+        ("dq", 64, True): [(128, 32, 4, 3)],  # 4 B
+        ("dq", 128, True): [(128, 64, 8, 2), (64, 64, 4, 2)]},  # 32 B, 204 B
+    8: {("fwd", 64, False): [(128, 64, 4, 3)],  # 4 B
+        ("fwd", 64, True): [(128, 128, 8, 3)],  # 556 B
+        ("fwd", 128, False): [(128, 64, 8, 3), (128, 128, 8, 3)],  # 16 B, 80 B
+        ("fwd", 128, True): [(128, 64, 8, 3)],  # 756 B
+        ("dkdv", 64, False): [(64, 128, 8, 2), (64, 64, 8, 2)],  # 8 B, 20 B
+        ("dkdv", 64, True): [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 2)],  # 92 B to 1.3 KB
+        ("dkdv", 128, True): [(64, 64, 8, 2)],  # 29 KB
+        ("dq", 64, False): [(128, 32, 4, 3), (64, 16, 4, 4)],  # 20 B, 8 B
+        ("dq", 64, True): [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 2)],  # 280 B to 540 B
+        ("dq", 128, False): [(128, 64, 8, 2)],  # 96 B
+        ("dq", 128, True): [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2),
+                            (64, 16, 4, 4)]},  # 248 B to 23 KB
+}
 # The interpreter would "benchmark" every candidate on the CPU: it gets one small config, with unequal
 # BLOCK_M and BLOCK_N so that tests at small T cover unmasked and diagonal tiles alike.
 _INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 _AUTOTUNE_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "ROPE"]
 _PREPROCESS_BLOCK = 64
+CANDIDATES = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
 
 
 def _triton_configs(candidates: list[tuple]) -> list[triton.Config]:
@@ -385,10 +409,15 @@ def _max_shared_mem(device_index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
+@functools.cache
+def _capability_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
 def _accumulator_regs(kernel: str, config: triton.Config, head_dim: int) -> int:
     """fp32 accumulator elements per thread: the rows a program owns times D (twice in dkdv: dK and dV) over
-    its threads. Above 64 (only at D=128), ptxas (Triton 3.6, sm_90a and sm_80) spills registers for
-    most configs, with RoPE by up to kilobytes: they are not worth compiling."""
+    its threads. Above 64 (only at D=128), ptxas (Triton 3.6 and 3.9, sm_90a and sm_80) spills registers
+    for most configs, with RoPE by up to kilobytes: they are not worth compiling."""
     owned = config.kwargs["BLOCK_N"] * 2 if kernel == "dkdv" else config.kwargs["BLOCK_M"]
     return owned * head_dim // (32 * config.num_warps)
 
@@ -396,27 +425,39 @@ def _accumulator_regs(kernel: str, config: triton.Config, head_dim: int) -> int:
 MAX_ACCUMULATOR_REGS = 64
 
 
-def _pruner(kernel: str):
-    """early_config_prune: drop configs whose own tile (the rows a program owns) is longer than T rounded
-    up to a power of two (mostly padding, and too few programs), always keeping the shortest tile; configs
-    that overflow shared memory; those whose accumulators crowd the registers. fp32 inputs (tests: exact
-    fp32 dots run on CUDA cores, not tensor cores) get the smallest config alone, compiled in seconds."""
+def _spills(kernel: str, config: triton.Config, head_dim: int, rope: bool, capability_major: int) -> bool:
+    spilling = _SPILLING_CONFIGS.get(capability_major, {}).get((kernel, head_dim, rope), [])
+    shape = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+    return shape in spilling
+
+
+def kept_configs(kernel: str, configs: list[triton.Config], t_bucket: int, head_dim: int, elem_size: int,
+                 rope: bool, smem_budget: int, capability_major: int) -> list[triton.Config]:
+    """The configs the autotuner times: drop those whose own tile (the rows a program owns) is longer than
+    T rounded up to a power of two (mostly padding, and too few programs), always keeping the shortest
+    tile; those that overflow shared memory; those whose accumulators crowd the registers; those that
+    spill registers on this architecture. fp32 inputs (tests: exact fp32 dots run on CUDA cores, not
+    tensor cores) get the smallest config alone, compiled in seconds."""
     owned = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"
 
+    def smem(c):
+        return _smem_bytes(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, head_dim, elem_size, rope)
+
+    if elem_size == 4:
+        return [min(configs, key=smem)]
+    longest = max(t_bucket, min(c.kwargs[owned] for c in configs))
+    kept = [c for c in configs if c.kwargs[owned] <= longest and smem(c) <= smem_budget
+            and _accumulator_regs(kernel, c, head_dim) <= MAX_ACCUMULATOR_REGS
+            and not _spills(kernel, c, head_dim, rope, capability_major)]
+    return kept or [min(configs, key=smem)]
+
+
+def _pruner(kernel: str):
+    """early_config_prune: kept_configs for the tensors' GPU."""
     def prune(configs, named_args, **kwargs):
-        q, head_dim = named_args["Q"], kwargs["HEAD_DIM"]
-
-        def smem(c):
-            return _smem_bytes(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, head_dim,
-                               q.element_size(), kwargs["ROPE"])
-
-        if q.element_size() == 4:
-            return [min(configs, key=smem)]
-        longest = max(named_args["T_BUCKET"], min(c.kwargs[owned] for c in configs))
-        budget = _max_shared_mem(q.device.index)
-        kept = [c for c in configs if c.kwargs[owned] <= longest and smem(c) <= budget
-                and _accumulator_regs(kernel, c, head_dim) <= MAX_ACCUMULATOR_REGS]
-        return kept or [min(configs, key=smem)]
+        q = named_args["Q"]
+        return kept_configs(kernel, configs, named_args["T_BUCKET"], kwargs["HEAD_DIM"], q.element_size(),
+                            kwargs["ROPE"], _max_shared_mem(q.device.index), _capability_major(q.device.index))
     return prune
 
 
@@ -425,9 +466,9 @@ def _autotune(kernel: str, candidates: list[tuple]):
     return triton.autotune(configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner(kernel)})
 
 
-_attn_fwd = _autotune("fwd", _FWD_CONFIGS)(_attn_fwd)
-_attn_bwd_dkdv = _autotune("dkdv", _DKDV_CONFIGS)(_attn_bwd_dkdv)
-_attn_bwd_dq = _autotune("dq", _DQ_CONFIGS)(_attn_bwd_dq)
+_attn_fwd = _autotune("fwd", CANDIDATES["fwd"])(_attn_fwd)
+_attn_bwd_dkdv = _autotune("dkdv", CANDIDATES["dkdv"])(_attn_bwd_dkdv)
+_attn_bwd_dq = _autotune("dq", CANDIDATES["dq"])(_attn_bwd_dq)
 
 
 # ----------------------------------------------------------------------------------------------------

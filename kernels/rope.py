@@ -7,14 +7,20 @@ For a row at position p and pair index i < D/2, with angle a = p * theta ** (-2i
 Layers, top to bottom: the pure-PyTorch reference, the Triton kernel, its launcher, the
 ``charlm::rope`` custom op (with fake and autograd registrations), and the public ``apply_rope``.
 
-cos/sin come from a float32 table built by ``rope_cos_sin`` and cached per (positions, head dim,
-theta, device), not computed in the kernel: the table makes the kernel's cos/sin bit-identical to
-the reference's, while in-kernel frequencies (exp2) and tl.cos/tl.sin would round differently from
+cos/sin come from a float32 table built by ``rope_cos_sin`` and cached per (first position, positions,
+head dim, theta, device), not computed in the kernel: the table makes the kernel's cos/sin bit-identical
+to the reference's, while in-kernel frequencies (exp2) and tl.cos/tl.sin would round differently from
 PyTorch's, and their accuracy on angles of hundreds of radians depends on each backend's lowering.
+The angles are computed in float64 and only cos and sin are rounded to float32: a float32 angle
+p * theta ** (-2i / D) is off by about an ulp of the angle (0.06 rad at position 1e6), which made the
+table's relative error 5e-4 at position 1e5 and 5e-3 at 1e6; rounding only cos and sin leaves 2e-8.
 The table costs little: a program reads one row of D/2 cos and D/2 sin values, shared by all heads
-of q and k, and the rows stay in L2 across the batch (the table for T = 512, D = 64 is 128 KiB).
+of q and k, and the rows stay in L2 across the batch (the table for T = 512, D = 64 is 128 KiB). It
+covers the positions asked for, offset .. offset + T - 1 (T rounded up to a power of 2), not every
+position from 0.
 """
 import functools
+import numbers
 
 import torch
 import triton
@@ -25,13 +31,14 @@ from charlm.kernels.utils import check_last_dim_contiguous, triton_runs_on
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, offset: int = 0,
                  device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (seq_len, head_dim // 2) for positions offset .. offset + seq_len - 1."""
+    """cos and sin tables of shape (seq_len, head_dim // 2) for positions offset .. offset + seq_len - 1,
+    from float64 angles, returned in dtype."""
     if head_dim % 2:
         raise ValueError(f"rope: head_dim must be even, got {head_dim}")
-    inv_freq = theta ** (-torch.arange(0, head_dim // 2, device=device, dtype=dtype) * 2 / head_dim)
-    pos = torch.arange(offset, offset + seq_len, device=device, dtype=dtype)
+    inv_freq = theta ** (-torch.arange(0, head_dim // 2, device=device, dtype=torch.float64) * 2 / head_dim)
+    pos = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float64)
     angles = torch.outer(pos, inv_freq)  # (T, D/2)
-    return angles.cos(), angles.sin()
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -68,8 +75,8 @@ def _rotate_heads(x_ptr, out_ptr, stride_h, cos, sin, cols,
 def _rope_kernel(
     q_ptr, k_ptr,            # (B, T, Hq, D), (B, T, Hk, D): any strides, last dim contiguous
     q_out_ptr, k_out_ptr,    # (B, T, Hq, D), (B, T, Hk, D): contiguous
-    cos_ptr, sin_ptr,        # (P, D/2) float32, contiguous; row p holds position p, P >= offset + T
-    seq_len, offset,
+    cos_ptr, sin_ptr,        # (>= T, D/2) float32, contiguous; row t holds position offset + t
+    seq_len,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, HALF: tl.constexpr,  # Hq, Hk, D/2
@@ -81,7 +88,7 @@ def _rope_kernel(
     t = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, HALF_PAD)
-    table_row = (offset + t) * HALF + cols
+    table_row = t * HALF + cols
     cos = tl.load(cos_ptr + table_row, mask=cols < HALF, other=0.0)[None, :]  # (1, HALF_PAD)
     sin = tl.load(sin_ptr + table_row, mask=cols < HALF, other=0.0)[None, :]
     if INVERSE:
@@ -94,12 +101,12 @@ def _rope_kernel(
 
 
 @functools.lru_cache(maxsize=16)
-def cos_sin_table(n_positions: int, head_dim: int, theta: float,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """rope_cos_sin for positions 0 .. n_positions - 1 in fp32, cached: every layer asks for the same.
-    Row offset + t is row t of rope_cos_sin(..., offset). Callers round n_positions up to a power of 2 so
-    that growing lengths (generation) rebuild it rarely. Shared with flash_attn's fused RoPE."""
-    return rope_cos_sin(n_positions, head_dim, theta, device=device)
+def cos_sin_table(n_positions: int, head_dim: int, theta: float, device: torch.device,
+                  first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_cos_sin for positions first .. first + n_positions - 1 in fp32, cached: every layer asks for the
+    same. Callers round n_positions up to a power of 2 so that growing lengths (generation) rebuild it
+    rarely. Shared with flash_attn's fused RoPE (first = 0)."""
+    return rope_cos_sin(n_positions, head_dim, theta, first, device=device)
 
 
 def _rope_launch(q: torch.Tensor, k: torch.Tensor, q_out: torch.Tensor, k_out: torch.Tensor,
@@ -107,13 +114,16 @@ def _rope_launch(q: torch.Tensor, k: torch.Tensor, q_out: torch.Tensor, k_out: t
     """Writes RoPE of q, k (rotation by -angle if inverse) into the contiguous q_out, k_out. One launch."""
     batch, seq_len, q_heads, head_dim = q.shape
     k_heads = k.shape[2]
-    cos, sin = cos_sin_table(triton.next_power_of_2(offset + seq_len), head_dim, theta, q.device)
-    q_heads_pad, k_heads_pad = triton.next_power_of_2(q_heads), triton.next_power_of_2(k_heads)
+    if q.numel() == 0 and k.numel() == 0:  # no batch, positions, heads or head dim: nothing to rotate
+        return
+    cos, sin = cos_sin_table(triton.next_power_of_2(seq_len), head_dim, theta, q.device, offset)
+    # At least one lane: q or k may have no heads while the other has some.
+    q_heads_pad, k_heads_pad = (max(1, triton.next_power_of_2(h)) for h in (q_heads, k_heads))
     half_pad = triton.next_power_of_2(head_dim // 2)
     # About 8 elements of each half-row tile per thread: one 16-byte vector in bf16.
     num_warps = min(8, max(1, max(q_heads_pad, k_heads_pad) * half_pad // 256))
     _rope_kernel[(seq_len, batch)](
-        q, k, q_out, k_out, cos, sin, seq_len, offset,
+        q, k, q_out, k_out, cos, sin, seq_len,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         q_heads, k_heads, head_dim // 2, q_heads_pad, k_heads_pad, half_pad,
@@ -154,7 +164,7 @@ _rope_op.register_autograd(_backward, setup_context=_setup_context)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, offset: int) -> None:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, theta: float, offset: int) -> None:
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"rope: q and k must be (B, T, H, D), got shapes {tuple(q.shape)} and {tuple(k.shape)}")
     (bq, tq, _, dq), (bk, tk, _, dk) = q.shape, k.shape
@@ -166,6 +176,11 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, offset: int) -> None:
         raise ValueError(f"rope: q and k must share one dtype of {_DTYPES}, got {q.dtype} and {k.dtype}")
     if q.device != k.device:
         raise ValueError(f"rope: q and k must be on one device, got {q.device} and {k.device}")
+    if not theta > 0:  # NaN too
+        raise ValueError(f"rope: theta must be positive, got {theta}")
+    integral = isinstance(offset, numbers.Integral) or (isinstance(offset, float) and offset.is_integer())
+    if isinstance(offset, bool) or not integral:
+        raise ValueError(f"rope: offset must be a whole number of positions, got {offset!r}")
     if offset < 0:
         raise ValueError(f"rope: offset must be >= 0, got {offset}")
     check_last_dim_contiguous("rope: q", q)
@@ -181,7 +196,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, theta: float = 10000.0,
     float32. One Triton launch forward and one backward; the pure-PyTorch reference where Triton
     cannot run.
     """
-    _check_inputs(q, k, offset)
+    _check_inputs(q, k, theta, offset)
+    offset = int(offset)
     if not triton_runs_on(q.device):
         return rope_reference(q, k, theta, offset)
     return _rope_op(q, k, float(theta), int(offset), False)

@@ -171,6 +171,7 @@ def test_autotune_pruning(monkeypatch, kernel, candidates):
     shortest own tile for short sequences, nothing over shared memory, never an empty list."""
     budget = 232448  # an H100's shared memory per block
     monkeypatch.setattr(fa, "_max_shared_mem", lambda device_index: budget)
+    monkeypatch.setattr(fa, "_capability_major", lambda device_index: 9)
     configs, prune = fa._triton_configs(candidates), fa._pruner(kernel)
     owned = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"
 
@@ -190,6 +191,13 @@ def test_autotune_pruning(monkeypatch, kernel, candidates):
     smallest = min(configs, key=lambda c: fa._smem_bytes(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
                                                          c.num_stages, 64, 4, False))
     assert kept(512, dtype=torch.float32) == [smallest]  # fp32 (tests): one config, compiled in seconds
+    for major, spilling in fa._SPILLING_CONFIGS.items():  # configs that spill on an architecture are not timed
+        monkeypatch.setattr(fa, "_capability_major", lambda device_index: major)
+        for (name, head_dim, fused_rope), shapes in spilling.items():
+            if name == kernel:
+                survivors = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                             for c in kept(512, head_dim, fused_rope)}
+                assert survivors and not survivors & set(shapes)
 
 
 def _bad_inputs():
@@ -234,6 +242,13 @@ def test_gpu_head_dims_and_dtypes(D, dtype):
 @pytest.mark.parametrize("causal, rope_theta", [(False, None), (True, THETA), (False, THETA)])
 def test_gpu_masking_and_rope_at_length(causal, rope_theta):
     check_against_reference(*make_qkv(2, 513, 4, 64, torch.bfloat16, "cuda", "fused_qkv"), causal, rope_theta)
+
+
+@pytest.mark.gpu
+def test_gpu_deep_shape_with_fused_rope():
+    # DEEP's attention (T = 512, 8 heads of 64) as the model calls it: bench/run_all.sh's GPU kernel test,
+    # whose autotune candidates bench/precompile.py compiles ahead.
+    check_against_reference(*make_qkv(4, 512, 8, 64, torch.bfloat16, "cuda", "fused_qkv"), rope_theta=THETA)
 
 
 @pytest.mark.gpu

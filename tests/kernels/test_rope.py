@@ -7,6 +7,7 @@ error of at most one bf16 ulp, which the bf16 tolerance covers.
 import pytest
 import torch
 
+from charlm.kernels import rope
 from charlm.kernels.rope import _rope_launch, _rope_op, apply_rope, rope_reference
 
 # (B, T, Hq, Hk, D): lengths 1, odd and not a power of 2; every model head dim; batch and heads > 1.
@@ -139,6 +140,51 @@ def test_falls_back_to_reference_where_triton_cannot_run(monkeypatch):
         assert torch.equal(x, x_ref)
 
 
+@pytest.mark.parametrize("offset", [10**5, 10**6])
+def test_far_positions_keep_float32_accuracy(offset, kernel_device):
+    # Angles of up to 1e6 radians: a float32 angle would already be off by 0.06 rad (relative error 5e-3).
+    q, k = (x.detach() for x in _make_qk((1, 4, 2, 2, 64), "contiguous", torch.float32, kernel_device))
+    out = apply_rope(q, k, offset=offset)
+    ref = rope_reference(q.double(), k.double(), offset=offset)
+    for x, x_ref in zip(out, ref):
+        assert _rel_err(x, x_ref) < 1e-6
+
+
+def test_table_covers_only_the_positions_asked_for(monkeypatch, kernel_device):
+    asked = []
+    real = rope.rope_cos_sin
+
+    def recording(seq_len, head_dim, theta, offset, **kwargs):
+        asked.append((seq_len, offset))
+        return real(seq_len, head_dim, theta, offset, **kwargs)
+
+    monkeypatch.setattr(rope, "rope_cos_sin", recording)
+    rope.cos_sin_table.cache_clear()
+    q, k = (x.detach() for x in _make_qk((1, 3, 2, 2, 32), "contiguous", torch.float32, kernel_device))
+    out = apply_rope(q, k, offset=10**6)
+    assert asked == [(4, 10**6)]  # 3 positions rounded up to 4 rows, not 2**20 from position 0
+    for x, x_ref in zip(out, rope_reference(q.double(), k.double(), offset=10**6)):
+        assert _rel_err(x, x_ref) < 1e-6
+
+
+@pytest.mark.parametrize("q_shape, k_shape", [
+    ((2, 3, 0, 8), (2, 3, 0, 8)),  # no heads
+    ((2, 3, 4, 0), (2, 3, 4, 0)),  # D = 0
+    ((2, 0, 4, 8), (2, 0, 4, 8)),  # no positions
+    ((0, 3, 4, 8), (0, 3, 4, 8)),  # no batch
+    ((2, 3, 4, 8), (2, 3, 0, 8)),  # q has heads, k none
+], ids=str)
+def test_empty_inputs_give_empty_outputs(q_shape, k_shape, kernel_device):
+    q = torch.randn(q_shape, device=kernel_device, requires_grad=True)
+    k = torch.randn(k_shape, device=kernel_device, requires_grad=True)
+    out = apply_rope(q, k, offset=2)
+    assert [tuple(x.shape) for x in out] == [q_shape, k_shape]
+    for x, x_ref in zip(out, rope_reference(q.detach().double(), k.detach().double(), offset=2)):
+        assert torch.allclose(x.double(), x_ref, atol=1e-6)
+    grads = torch.autograd.grad(out, (q, k), [torch.ones_like(x) for x in out])
+    assert [tuple(g.shape) for g in grads] == [q_shape, k_shape]
+
+
 _X = torch.zeros(2, 3, 4, 8)
 
 
@@ -155,3 +201,22 @@ _X = torch.zeros(2, 3, 4, 8)
 def test_rejects_bad_input(q, k, offset, message):
     with pytest.raises(ValueError, match=message):
         apply_rope(q, k, offset=offset)
+
+
+@pytest.mark.parametrize("theta, offset, message", [
+    pytest.param(0.0, 0, "theta must be positive, got 0.0", id="zero-theta"),
+    pytest.param(-1.0, 0, "theta must be positive", id="negative-theta"),
+    pytest.param(float("nan"), 0, "theta must be positive, got nan", id="nan-theta"),
+    pytest.param(1e4, 2.5, "offset must be a whole number of positions, got 2.5", id="fractional-offset"),
+    pytest.param(1e4, float("nan"), "offset must be a whole number", id="nan-offset"),
+    pytest.param(1e4, True, "offset must be a whole number", id="bool-offset"),
+])
+def test_rejects_bad_theta_and_offset(theta, offset, message):
+    with pytest.raises(ValueError, match=message):
+        apply_rope(_X, _X, theta, offset)
+
+
+def test_integral_float_offset_is_that_offset(kernel_device):
+    q, k = (x.detach() for x in _make_qk((1, 3, 2, 2, 32), "contiguous", torch.float32, kernel_device))
+    for x, y in zip(apply_rope(q, k, offset=7.0), apply_rope(q, k, offset=7)):
+        assert torch.equal(x, y)
