@@ -171,10 +171,10 @@ def text_table(header: list[str], cells: list[list[str]]) -> str:
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
     """Print rows (dicts) as an aligned plain-text table with the given columns."""
-    print(text_table(columns, [[_fmt(r.get(c)) for c in columns] for r in rows]))
+    print(text_table(columns, [[format_cell(r.get(c)) for c in columns] for r in rows]))
 
 
-def _fmt(v) -> str:
+def format_cell(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):

@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common import HISTORY, _fmt  # noqa: E402  (bench/ is a folder of scripts: python puts it on sys.path)
+from common import HISTORY, format_cell  # noqa: E402  (bench/ is a folder of scripts: python puts it on sys.path)
 
 from charlm.io import atomic_write, atomic_write_text  # noqa: E402
 
@@ -109,7 +109,7 @@ def speedup(row: dict, baselines: dict[tuple, list[dict]]) -> float | None:
 def _table_row(row: dict, baselines: dict[tuple, list[dict]]) -> list[str]:
     ratio = speedup(row, baselines)
     return [row["bench"], case_label(row["case"]), row["impl"], "yes" if row.get("baseline") else "",
-            *(_fmt(row.get(key)) for key in ("ms", "tflops", "gbps", "tokens_per_s", "peak_mem_gb")),
+            *(format_cell(row.get(key)) for key in ("ms", "tflops", "gbps", "tokens_per_s", "peak_mem_gb")),
             "-" if ratio is None else f"{ratio:.2f}x", (row.get("commit") or "?")[:12], row["date"]]
 
 

@@ -9,7 +9,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from common import _fmt, text_table
+from common import format_cell, text_table
 from report import markdown_report
 
 
@@ -43,7 +43,7 @@ def _latest(rows: list[dict], **want) -> dict | None:
 
 
 def _amount(value: float, unit: str) -> str:
-    return f"{_fmt(value)} {unit}"
+    return f"{format_cell(value)} {unit}"
 
 
 def _missing(claim: str, goal: tuple[str, float], stage: str) -> Line:
@@ -59,7 +59,7 @@ def training(rows: list[dict]) -> list[Line]:
         return [_missing(speed, FASTER, "train"), _missing(memory, NO_MORE, "train")]
     lines = [Line(speed, _amount(charlm["tokens_per_s"], "tok/s"), _amount(base["tokens_per_s"], "tok/s"),
                   charlm["tokens_per_s"] / base["tokens_per_s"], FASTER,
-                  f"ms p80 {_fmt(charlm.get('ms_p80'))} vs {_fmt(base.get('ms_p80'))}")]
+                  f"ms p80 {format_cell(charlm.get('ms_p80'))} vs {format_cell(base.get('ms_p80'))}")]
     if charlm["peak_mem_gb"] is None or base["peak_mem_gb"] is None:
         lines.append(Line(memory, "-", "-", None, NO_MORE, "no CUDA memory statistics (CPU)"))
     else:
@@ -134,7 +134,7 @@ def rope(rows: list[dict]) -> list[Line]:
         if triton and base in case_rows:
             lines.append(Line(f"RoPE fwd+bwd {largest}, triton vs {base}", _amount(triton["gbps"], "GB/s"),
                               _amount(case_rows[base]["gbps"], "GB/s"), triton["gbps"] / case_rows[base]["gbps"],
-                              FASTER, f"{_fmt(triton['frac_of_copy_bw'])} of a copy's bandwidth"))
+                              FASTER, f"{format_cell(triton['frac_of_copy_bw'])} of a copy's bandwidth"))
     return lines or [_missing("RoPE fwd+bwd GB/s, triton vs torch.compile", FASTER, "rope")]
 
 
@@ -186,7 +186,7 @@ def report_markdown(title: str, notes: list[str], lines: list[Line], stages: lis
     planner_header = ["case", "micro-batch", "checkpointed", "predicted tensors", "allocated", "predicted peak",
                       "reserved", "outside", "total", "fits"]
     planner = [[r["case"]["name"], str(r["case"]["micro_batch"]), str(r["case"]["checkpoint_layers"]),
-                *(_fmt(r.get(k)) for k in ("predicted_tensors_gb", "allocated_gb", "predicted_peak_gb",
+                *(format_cell(r.get(k)) for k in ("predicted_tensors_gb", "allocated_gb", "predicted_peak_gb",
                                            "reserved_gb", "outside_gb", "total_gb", "fits"))] for r in memory]
     sections = [f"# {title}", "\n".join(f"- {note}" for note in notes), "## Claims",
                 markdown_table(CLAIM_HEADER, claim_cells(lines)), "## Stages", markdown_table(STAGE_HEADER, stages)]

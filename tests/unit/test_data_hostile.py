@@ -184,7 +184,7 @@ def test_four_concurrent_writer_processes_end_with_one_whole_dataset(tmp_path):
         sources.append(tmp_path / f"src{i}.txt")
         sources[-1].write_bytes(make_corpus(300_000 + 1000 * i))
     root = tmp_path / "data"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     procs = [subprocess.Popen([sys.executable, "-m", "charlm.data", "text", str(s), "--name", "ds",
                                "--data-root", str(root)], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for s in sources]

@@ -11,7 +11,7 @@ import torch
 from charlm import memory
 from charlm.memory import GB
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/ is a folder of scripts
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # bench/ is a folder of scripts
 import common  # noqa: E402
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/ is a folder of scripts
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # bench/ is a folder of scripts
 import common  # noqa: E402
 import summary  # noqa: E402
 
