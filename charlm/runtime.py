@@ -64,6 +64,8 @@ def distributed(device_preference: str):
     ctx = init_distributed(device_preference)
     try:
         yield ctx
+        if ctx.distributed:
+            dist.barrier()  # leave together: a rank that tears down while rank 0 still writes can abort (gloo)
     finally:
         if ctx.distributed:
             dist.destroy_process_group()
