@@ -113,11 +113,10 @@ class Contexts:
 
 def window_contexts(windows: list[tuple[int, int]], T: int) -> Contexts:
     """The contexts of scoring_windows' characters: offset o of a window is predicted from o + 1 tokens."""
-    out = Contexts()
-    for i, (_, first) in enumerate(windows):
-        chars, total = T - first, (T * (T + 1) - first * (first + 1)) // 2
-        out = out + Contexts(chars, total, first + 1, first + 1 if i else None)
-    return out
+    first = np.array([f for _, f in windows], dtype=np.int64)  # contexts first + 1 .. T per window
+    total = (T * (T + 1) - first * (first + 1)) // 2
+    later = int(first[1:].min()) + 1 if len(first) > 1 else None
+    return Contexts(int((T - first).sum()), int(total.sum()), int(first.min()) + 1, later)
 
 
 def full_contexts(n_tokens: int, block_size: int) -> Contexts:
@@ -245,14 +244,37 @@ def split_contexts(n_tokens: int, block_size: int, stride: int, protocol: str,
     return out
 
 
+def protocol_cell(protocol: dict | None) -> str:
+    """A table cell: the protocol, its least context after a split's first block and its mean context."""
+    if protocol is None:
+        return "not recorded"
+    how = f"full T={protocol['block_size']}" if protocol["name"] == "full" else \
+        f"windows T={protocol['block_size']} stride {protocol['stride']}"
+    low = "" if protocol["min_context"] is None else f", ctx ≥ {protocol['min_context']}"
+    return f"{how}{low}, mean {protocol['mean_context']:.1f}"
+
+
 def describe_protocol(protocol: dict) -> str:
-    """One line for a table's notes: how the characters were scored and with how much context."""
+    """One line for a table's notes: how the characters were scored, with how much context, on which splits."""
     T = protocol["block_size"]
-    how = ("full context (sliding-window attention of block_size per layer, charlm.sliding)"
-           if protocol["name"] == "full" else f"windows of {T} sliding by {protocol['stride']}")
+    how = (f"full context (sliding-window attention over the previous {T} positions in every layer, "
+           f"charlm.sliding; receptive field {protocol['receptive_field']})" if protocol["name"] == "full"
+           else f"windows of {T} characters sliding by {protocol['stride']}")
     later = protocol["min_context"]
     low = f"at least {later} characters of context after each split's first {T}" if later else "short splits"
-    return f"{how}: {low}, {protocol['mean_context']:.1f} on average"
+    sizes = ", ".join(f"{split} {s['tokens']:,} characters ({s['chars']:,} scored)"
+                      for split, s in protocol["splits"].items())
+    return f"{how}: {low}, {protocol['mean_context']:.1f} on average; {sizes}"
+
+
+def protocol_notes(named: list[tuple[str, dict | None]]) -> list[str]:
+    """"NAMES: description" per distinct protocol of (name, protocol or None) pairs, for a report's notes."""
+    groups: dict[str, list[str]] = {}
+    for name, protocol in named:
+        names = groups.setdefault(describe_protocol(protocol) if protocol else "not recorded", [])
+        if name not in names:
+            names.append(name)
+    return [f"{', '.join(names)}: {text}" for text, names in groups.items()]
 
 
 def eval_filename(category: str = "") -> str:
@@ -340,7 +362,7 @@ def _main(argv=None) -> None:
                              "full context through sliding-window attention (rotary models)")
     parser.add_argument("--stride", type=int, default=0,
                         help="window stride in tokens for --protocol windows (default: block_size // 4)")
-    parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
+    parser.add_argument("--batch-size", type=int, default=32, help="windows (--protocol full: rows) per forward pass")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--checkpoint", type=Path,
                         help="a checkpoint file, or 'best' for the one with the lowest val estimate (default: the newest)")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from charlm.eval import evaluate, load_model, scoring_windows
 from charlm.sample import sample
 from charlm.trainer import train
+from test_distributed import TORCHRUN, run as run_command
 from test_train import tiny_cfg
 
 pytestmark = pytest.mark.integration
@@ -78,6 +79,18 @@ def test_full_protocol_of_a_one_layer_rope_run_equals_stride_1(tiny_dataset, tmp
     protocol = json.loads((run / "eval.json").read_text())["protocol"]
     assert protocol["name"] == "full" and protocol["stride"] is None
     assert protocol["min_context"] == full["block_size"] and protocol["receptive_field"] == full["block_size"]
+
+
+def test_full_protocol_under_torchrun_matches_one_process(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(tiny_dataset, run, "rope", max_iters=2, eval_interval=2))
+    single = evaluate(run, device="cpu", protocol="full", save=False)
+    run_command([*TORCHRUN, "-m", "charlm.eval", str(run), "--device", "cpu", "--protocol", "full"])
+    shared = json.loads((run / "eval.json").read_text())
+    assert shared["protocol"] == single["protocol"]
+    for split in ("val", "test"):
+        assert shared[f"{split}_chars"] == single[f"{split}_chars"]
+        assert shared[f"{split}_bpc"] == pytest.approx(single[f"{split}_bpc"], rel=1e-5)
 
 
 def test_sample_generates_text(tiny_dataset, tmp_path):
