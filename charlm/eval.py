@@ -308,7 +308,8 @@ def evaluate(run_dir: Path, stride: int = 0, batch_size: int = 32, device: str =
     work (every rank must call it) and all return the same numbers."""
     run_dir = Path(run_dir)
     if batch_size < 1 or stride < 0:
-        raise ValueError(f"--batch-size must be at least 1 ({batch_size}) and --stride 0 (block_size // 4) or more ({stride})")
+        raise ValueError(f"--batch-size must be at least 1 ({batch_size}) and --stride 0 (block_size // 4) "
+                         f"or more ({stride})")
     check_protocol(protocol, stride, category)
     dev = resolve_device(device, ctx)
     model, cfg, step = load_model(run_dir, dev, checkpoint)

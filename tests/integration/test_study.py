@@ -227,7 +227,8 @@ def test_tipa_bpc_counts_next_character_loss_only(tiny_dataset, tmp_path):
     # by hand: both losses of the evaluated checkpoint over the whole val split, each target scored once
     model, cfg, step = load_model(run, torch.device("cpu"), run / "best.pt")
     assert step == result["checkpoint_step"]
-    assert result["protocol"]["name"] == "windows" and result["protocol"]["stride"] == default_stride(cfg.model.block_size)
+    protocol = result["protocol"]
+    assert protocol["name"] == "windows" and protocol["stride"] == default_stride(cfg.model.block_size)
     root, name = tiny_dataset
     tokens = np.fromfile(root / name / "val.bin", dtype=np.uint8)
     reverse = torch.from_numpy(reverse_positions(tokens, cfg.model.tipa_max).astype(np.int64))

@@ -144,7 +144,8 @@ def test_text8_from_an_unzipped_file_and_by_download(fake_text8, tmp_path):
     assert load_meta(data.prepare_text8(tmp_path / "a", from_file=plain))["source"]["bytes"] == len(content)
     out = data.prepare_text8(tmp_path / "b", url=archive.as_uri())
     assert (tmp_path / "b" / "downloads" / "text8.zip").read_bytes() == archive.read_bytes()
-    assert (read_split(out, "test", load_meta(out)) == read_split(tmp_path / "a" / "text8", "test", load_meta(out))).all()
+    meta = load_meta(out)
+    assert (read_split(out, "test", meta) == read_split(tmp_path / "a" / "text8", "test", meta)).all()
 
 
 def test_text8_checks_size_and_alphabet(fake_text8, tmp_path):
