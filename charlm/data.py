@@ -1,8 +1,10 @@
-"""Prepare datasets: enwik8 (downloaded or from a local file) or any text file, into a dataset folder.
+"""Prepare datasets: enwik8 or text8 (downloaded or from a local file) or any text file, into a dataset folder.
 
     python -m charlm.data enwik8                            # download, verify, write data/enwik8/
     python -m charlm.data enwik8 --from-file ~/enwik8.zip   # offline: a local enwik8 or enwik8.zip
     python -m charlm.data enwik8 --tokenization unicode     # the report's code-point vocabulary
+    python -m charlm.data text8                             # Mahoney's text8: 27 symbols -> data/text8/
+    python -m charlm.data text8 --from-file ~/text8.zip     # offline: a local text8 or text8.zip
     python -m charlm.data text notes.txt --name notes       # any UTF-8 or binary file
 
 A dataset folder holds train.bin, val.bin, test.bin (raw tokens, no header: uint8 for `bytes`, uint16
@@ -33,8 +35,11 @@ from charlm.io import (atomic_dir, atomic_write, atomic_write_text, check_replac
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_BYTES = 100_000_000
 ENWIK8_SHA256 = "2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8"  # of the unzipped file
+TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
+TEXT8_BYTES = 100_000_000  # of the unzipped file
+TEXT8_ALPHABET = b" abcdefghijklmnopqrstuvwxyz"
 DOWNLOAD_TIMEOUT_S = 60  # per blocking read: a stalled connection fails instead of hanging
-SPLIT_FRACTIONS = (0.9, 0.05, 0.05)  # for enwik8's 100M bytes: 90M / 5M / 5M, the standard split
+SPLIT_FRACTIONS = (0.9, 0.05, 0.05)  # for enwik8's and text8's 100M bytes: 90M / 5M / 5M, the standard split
 SPLITS = ("train", "val", "test")
 FORMAT = 1
 TOKEN_DTYPES = {"bytes": "uint8", "unicode": "uint16"}  # tokenization -> token dtype
@@ -282,6 +287,8 @@ def prepare_command(data_dir: Path) -> str:
         return "python -m charlm.data enwik8"
     if name == "enwik8-unicode":
         return "python -m charlm.data enwik8 --tokenization unicode"
+    if name == "text8":
+        return "python -m charlm.data text8"
     return f"python -m charlm.data text PATH --name {name}"
 
 
@@ -312,21 +319,51 @@ def prepare_enwik8(data_root: Path, tokenization: str = "bytes", from_file: Path
     if is_prepared(out_dir, tokenization, ENWIK8_SHA256):
         print(f"{out_dir} is already prepared; nothing to do")
         return out_dir
+
+    def check(data: bytes, path: Path) -> None:
+        if len(data) != ENWIK8_BYTES or sha256(data) != ENWIK8_SHA256:
+            raise DataError(f"{path}: not enwik8: expected {ENWIK8_BYTES} bytes with sha256 {ENWIK8_SHA256}, "
+                            f"got {len(data)} bytes with sha256 {sha256(data)}")
+
+    return _prepare_benchmark("enwik8", out_dir, tokenization, from_file, url, check)
+
+
+def check_text8(data: bytes, path: Path) -> None:
+    """text8 is TEXT8_BYTES bytes of lower-case letters and spaces. No published hash to check against:
+    the size and the alphabet are what is verified."""
+    if len(data) != TEXT8_BYTES:
+        raise DataError(f"{path}: not text8: expected {TEXT8_BYTES} bytes, got {len(data)}")
+    other = set(data) - set(TEXT8_ALPHABET)
+    if other:
+        raise DataError(f"{path}: not text8: expected only a-z and space, found {bytes(sorted(other))[:20]!r}")
+
+
+def prepare_text8(data_root: Path, from_file: Path | None = None, url: str = TEXT8_URL,
+                  name: str | None = None) -> Path:
+    """Mahoney's text8: its 27 symbols as the vocabulary (one token per character), split 90M/5M/5M."""
+    out_dir = dataset_dir(data_root, name or "text8")
+    if is_prepared(out_dir, "unicode", None) and load_meta(out_dir)["source"].get("name") == "text8":
+        print(f"{out_dir} is already prepared; nothing to do")
+        return out_dir
+    return _prepare_benchmark("text8", out_dir, "unicode", from_file, url, check_text8)
+
+
+def _prepare_benchmark(name: str, out_dir: Path, tokenization: str, from_file: Path | None, url: str,
+                       check) -> Path:
+    """Download (unless from_file) and read a benchmark's file, check(data, path) it and prepare it."""
     downloaded = from_file is None
     if downloaded:
-        from_file = Path(data_root) / "downloads" / "enwik8.zip"
+        from_file = out_dir.parent / "downloads" / f"{name}.zip"
         if not from_file.is_file():
             download(url, from_file)
     try:
         data = read_source(from_file)
-        if len(data) != ENWIK8_BYTES or sha256(data) != ENWIK8_SHA256:
-            raise DataError(f"{from_file}: not enwik8: expected {ENWIK8_BYTES} bytes with sha256 {ENWIK8_SHA256}, "
-                            f"got {len(data)} bytes with sha256 {sha256(data)}")
+        check(data, from_file)
     except DataError:
         if downloaded:  # a bad download must not be reused by the next call (with a corrected --url, say)
             from_file.unlink(missing_ok=True)
         raise
-    meta = prepare(data, out_dir, tokenization, {"name": "enwik8", "path": str(from_file)})
+    meta = prepare(data, out_dir, tokenization, {"name": name, "path": str(from_file)})
     print(f"wrote {out_dir}: {meta['splits']} tokens, vocab {meta['vocab_size']}")
     return out_dir
 
@@ -354,6 +391,11 @@ def _main(argv) -> None:
     e8.add_argument("--from-file", type=Path, help="a local enwik8 or enwik8.zip instead of downloading")
     e8.add_argument("--url", default=ENWIK8_URL, help="where to download enwik8.zip from")
     e8.add_argument("--name", help="dataset folder name (default enwik8, or enwik8-unicode)")
+    t8 = sub.add_parser("text8", help="download (or read) text8, verify its size and alphabet and prepare it")
+    t8.add_argument("--from-file", type=Path, help="a local text8 or text8.zip instead of downloading")
+    t8.add_argument("--url", default=TEXT8_URL, help="where to download text8.zip from")
+    t8.add_argument("--name", help="dataset folder name (default text8)")
+    t8.add_argument("--data-root", type=Path, default=Path("data"))
     text = sub.add_parser("text", help="prepare any UTF-8 or binary file")
     text.add_argument("path", type=Path)
     text.add_argument("--name", required=True, help="dataset folder name under --data-root")
@@ -363,6 +405,8 @@ def _main(argv) -> None:
     args = parser.parse_args(argv)
     if args.command == "enwik8":
         prepare_enwik8(args.data_root, args.tokenization, args.from_file, args.url, args.name)
+    elif args.command == "text8":
+        prepare_text8(args.data_root, args.from_file, args.url, args.name)
     else:
         prepare_text(args.path, args.name, args.data_root, args.tokenization)
 

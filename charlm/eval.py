@@ -1,22 +1,40 @@
 """Bits per character of a trained run on the full val and test splits, every character scored once.
 
-    python -m charlm.eval runs/NAME                 # newest checkpoint, windows of block_size
-    python -m charlm.eval runs/NAME --stride 128    # overlapping windows: each scored char sees >= T-128 context
-    torchrun --nproc_per_node 8 -m charlm.eval runs/NAME           # the windows shared among 8 GPUs
+    python -m charlm.eval runs/NAME                    # newest checkpoint; windows sliding by block_size / 4
+    python -m charlm.eval runs/NAME --stride 1         # Al-Rfou et al.'s protocol: block_size passes
+    python -m charlm.eval runs/NAME --protocol full    # rotary models: every character with full context, ~2 passes
+    torchrun --nproc_per_node 8 -m charlm.eval runs/NAME           # the work shared among 8 GPUs
 
-Windows of block_size tokens slide by `stride`; the first window scores all its predictions, each later
-one only its last `stride` (so every character after the first is predicted exactly once, with at least
-block_size - stride characters of context). Only next-character loss counts, whatever the variant.
-Writes RUN/eval.json with val_bpc and test_bpc.
+`windows` (the default): windows of block_size tokens slide by `stride`; the first window scores all
+its predictions, each later one only its last `stride`, so every character after the first is predicted
+exactly once, and each after the first block_size of a split with at least block_size - stride + 1
+characters of context. The default stride, block_size // 4, gives every such character at least 3/4 of
+the context the model was trained on (mean about 7/8) for four passes over the split: non-overlapping
+windows (stride = block_size) give the average character half a window, which is not comparable with
+the literature's full-context numbers; --stride 1 is that protocol exactly (Al-Rfou et al. 2018: each
+character predicted from the block_size characters before it) at block_size passes.
+
+`full` (rotary models only): sliding-window attention through charlm.sliding, every layer of every
+position attending to exactly the previous block_size positions (a banded causal mask with a key/value
+cache), about twice the cost of one pass. Each character's last layer sees block_size characters (fewer
+only in a split's first block_size); with one layer this is --stride 1 exactly, with more the cached
+keys carry context from further back (up to n_layer * (block_size - 1) + 1 characters, as a
+Transformer-XL memory does). Learned absolute positions end at block_size: use a small --stride there.
+
+Only next-character loss counts, whatever the variant. Writes RUN/eval.json with val_bpc, test_bpc and
+`protocol`: its name, stride, and the context per scored character (min after the first block_size
+characters of a split, min over all, mean) with each split's size and characters scored.
 
     python -m charlm.eval runs/NAME --category keywords/Science   # one topic subset (charlm.categorize)
 
 With --category, each span of the subset is scored as a document of its own (every character after its
-first, with context from the span only) and the result goes to RUN/eval_<method>_<category>.json.
+first, with context from the span only; windows protocol) and the result goes to
+RUN/eval_<method>_<category>.json.
 """
 import argparse
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +50,7 @@ from charlm.io import atomic_write_text
 from charlm.loss import token_nll
 from charlm.model import GPT
 from charlm.runtime import SINGLE_PROCESS, DistContext, all_reduce_sum, autocast, bits_per_char, distributed, resolve_device
+from charlm.sliding import sliding_hidden
 
 
 def load_model(run_dir: Path, device: torch.device, checkpoint: Path | None = None) -> tuple[GPT, Config, int]:
@@ -66,6 +85,58 @@ def scoring_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[i
     return windows
 
 
+PROTOCOLS = ("windows", "full")
+
+
+def default_stride(block_size: int) -> int:
+    """Every character after a split's first block sees at least 3/4 of block_size, for 4 passes."""
+    return max(1, block_size // 4)
+
+
+@dataclass(frozen=True)
+class Contexts:
+    """Context lengths (tokens the prediction is conditioned on) of a set of scored characters."""
+    chars: int = 0
+    total: int = 0  # sum of the context lengths
+    min_all: int | None = None
+    min_later: int | None = None  # over characters after the first block_size of their split (or span)
+
+    def __add__(self, other: "Contexts") -> "Contexts":
+        def low(a, b):
+            return b if a is None else a if b is None else min(a, b)
+        return Contexts(self.chars + other.chars, self.total + other.total, low(self.min_all, other.min_all),
+                        low(self.min_later, other.min_later))
+
+    def summary(self) -> dict:
+        return {"chars": self.chars, "min_context": self.min_later, "min_context_all": self.min_all,
+                "mean_context": self.total / self.chars if self.chars else None}
+
+
+def window_contexts(windows: list[tuple[int, int]], T: int) -> Contexts:
+    """The contexts of scoring_windows' characters: offset o of a window is predicted from o + 1 tokens."""
+    first = np.array([f for _, f in windows], dtype=np.int64)  # contexts first + 1 .. T per window
+    total = (T * (T + 1) - first * (first + 1)) // 2
+    later = int(first[1:].min()) + 1 if len(first) > 1 else None
+    return Contexts(int((T - first).sum()), int(total.sum()), int(first.min()) + 1, later)
+
+
+def full_contexts(n_tokens: int, block_size: int) -> Contexts:
+    """The contexts under the full protocol: target t is predicted from min(t, block_size) tokens."""
+    n, T = n_tokens - 1, block_size
+    head = min(n, T)
+    return Contexts(n, head * (head + 1) // 2 + max(n - T, 0) * T, 1 if n else None, T if n > T else None)
+
+
+def full_context_rows(n_tokens: int, block_size: int, n_layer: int, parts: int) -> list[tuple[int, int, int]]:
+    """(first input, first scored input, end) per row: the inputs 0 .. n_tokens - 2 cut into up to `parts`
+    runs scored independently, each after a warm-up of n_layer * (block_size - 1) inputs (what its first
+    position can see through the layers), so the result is the same however the split is cut."""
+    n, warm = n_tokens - 1, n_layer * (block_size - 1)
+    parts = max(1, min(parts, n // max(warm, block_size, 1)))
+    bounds = [n * k // parts for k in range(parts + 1)]
+    return [(max(0, a - warm), a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
 @torch.no_grad()
 def _nats(model: GPT, tokens: np.ndarray, windows: list[tuple[int, int]], T: int, batch_size: int,
           device: torch.device, amp, bar) -> tuple[torch.Tensor, int]:
@@ -86,6 +157,33 @@ def _nats(model: GPT, tokens: np.ndarray, windows: list[tuple[int, int]], T: int
     return total, count
 
 
+@torch.no_grad()
+def _full_nats(model: GPT, tokens: np.ndarray, rows: list[tuple[int, int, int]], batch_size: int,
+               device: torch.device, amp, bar) -> tuple[torch.Tensor, int]:
+    """_nats for the full protocol: rows of full_context_rows through charlm.sliding, batch_size at a time
+    (a batch's shorter rows padded at their end, which nothing before them can see)."""
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i:i + batch_size]
+        length = max(end - start for start, _, end in batch)
+        ids = np.zeros((len(batch), length + 1), dtype=np.int64)
+        for r, (start, _, end) in enumerate(batch):
+            ids[r, :end - start + 1] = tokens[start:end + 1]
+        x, y = torch.from_numpy(ids[:, :-1]).to(device), torch.from_numpy(ids[:, 1:]).to(device)
+        lo = torch.tensor([a - s for s, a, _ in batch], device=device)[:, None]
+        hi = torch.tensor([e - s for s, _, e in batch], device=device)[:, None]
+        with amp:
+            for start, h in sliding_hidden(model, x):
+                yc = y[:, start:start + h.shape[1]]
+                nll = token_nll(h.flatten(0, 1), model.lm_head.weight, yc.flatten()).view(yc.shape)
+                pos = torch.arange(start, start + h.shape[1], device=device)[None, :]
+                total += (nll * ((pos >= lo) & (pos < hi))).sum(dtype=torch.float64)
+                if bar is not None:
+                    bar.update(1)
+        count += sum(e - a for _, a, e in batch)
+    return total, count
+
+
 def _bpc_over_ranks(nats: torch.Tensor, count: int, ctx: DistContext) -> tuple[float, int]:
     """(BPC, characters scored) from each rank's (nats, count) of its shard, summed over the ranks."""
     both = torch.stack([nats, torch.tensor(float(count), dtype=torch.float64, device=nats.device)])
@@ -94,9 +192,19 @@ def _bpc_over_ranks(nats: torch.Tensor, count: int, ctx: DistContext) -> tuple[f
 
 
 def split_bpc(model: GPT, tokens: np.ndarray, block_size: int, stride: int, batch_size: int,
-              device: torch.device, amp, desc: str = "", ctx: DistContext = SINGLE_PROCESS) -> tuple[float, int]:
+              device: torch.device, amp, desc: str = "", ctx: DistContext = SINGLE_PROCESS,
+              protocol: str = "windows") -> tuple[float, int]:
     """(BPC, characters scored) of a token array; the sum of losses is accumulated in float64. Under torchrun
-    each rank scores every world_size-th window and the sums are combined."""
+    each rank scores every world_size-th window (full protocol: every world_size-th row) and the sums are
+    combined."""
+    if protocol == "full":
+        rows = full_context_rows(len(tokens), block_size, len(model.blocks), ctx.world_size * batch_size)
+        rows = rows[ctx.rank::ctx.world_size]
+        chunks = sum(-(-max(e - s for s, _, e in rows[i:i + batch_size]) // block_size)
+                     for i in range(0, len(rows), batch_size))
+        with progress(total=chunks, desc=desc, unit="chunk", leave=False, disable=not ctx.is_master) as bar:
+            nats, count = _full_nats(model, tokens, rows, batch_size, device, amp, bar)
+        return _bpc_over_ranks(nats, count, ctx)
     windows = scoring_windows(len(tokens), block_size, stride)[ctx.rank::ctx.world_size]
     with progress(total=-(-len(windows) // batch_size), desc=desc, unit="batch", leave=False,
               disable=not ctx.is_master) as bar:
@@ -123,39 +231,115 @@ def spans_bpc(model: GPT, tokens: np.ndarray, spans: np.ndarray, block_size: int
     return bpc, count
 
 
+def split_contexts(n_tokens: int, block_size: int, stride: int, protocol: str,
+                   spans: np.ndarray | None = None) -> Contexts:
+    """The contexts of every character a split (or its spans) has scored under a protocol."""
+    if protocol == "full":
+        return full_contexts(n_tokens, block_size)
+    if spans is None:
+        return window_contexts(scoring_windows(n_tokens, block_size, stride), min(block_size, n_tokens - 1))
+    out = Contexts()
+    for _, length in spans[:, :2].tolist():
+        if length >= 2:
+            out = out + window_contexts(scoring_windows(length, block_size, stride), min(block_size, length - 1))
+    return out
+
+
+def protocol_cell(protocol: dict | None) -> str:
+    """A table cell: the protocol, its least context after a split's first block and its mean context."""
+    if protocol is None:
+        return "not recorded"
+    how = f"full T={protocol['block_size']}" if protocol["name"] == "full" else \
+        f"windows T={protocol['block_size']} stride {protocol['stride']}"
+    low = "" if protocol["min_context"] is None else f", ctx ≥ {protocol['min_context']}"
+    return f"{how}{low}, mean {protocol['mean_context']:.1f}"
+
+
+def describe_protocol(protocol: dict) -> str:
+    """One line for a table's notes: how the characters were scored, with how much context, on which splits."""
+    T = protocol["block_size"]
+    how = (f"full context (sliding-window attention over the previous {T} positions in every layer, "
+           f"charlm.sliding; receptive field {protocol['receptive_field']})" if protocol["name"] == "full"
+           else f"windows of {T} characters sliding by {protocol['stride']}")
+    later = protocol["min_context"]
+    low = f"at least {later} characters of context after each split's first {T}" if later else "short splits"
+    sizes = ", ".join(f"{split} {s['tokens']:,} characters ({s['chars']:,} scored)"
+                      for split, s in protocol["splits"].items())
+    return f"{how}: {low}, {protocol['mean_context']:.1f} on average; {sizes}"
+
+
+def protocol_notes(named: list[tuple[str, dict | None]]) -> list[str]:
+    """"NAMES: description" per distinct protocol of (name, protocol or None) pairs, for a report's notes."""
+    groups: dict[str, list[str]] = {}
+    for name, protocol in named:
+        names = groups.setdefault(describe_protocol(protocol) if protocol else "not recorded", [])
+        if name not in names:
+            names.append(name)
+    return [f"{', '.join(names)}: {text}" for text, names in groups.items()]
+
+
 def eval_filename(category: str = "") -> str:
     """eval.json, or eval_<method>_<category slug>.json for a topic subset "<method>/<name>"."""
     method, _, name = category.partition("/")
     return f"eval_{method}_{category_slug(name)}.json" if category else "eval.json"
 
 
+def check_protocol(protocol: str, stride: int, category: str, pos_embedding: str | None = None) -> None:
+    """One line naming the flag for a protocol that cannot run as asked (the model's positions, once known)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if protocol != "full":
+        return
+    if stride:
+        raise ValueError("--stride applies to --protocol windows only (full scores every character with full context)")
+    if category:
+        raise ValueError("--category is scored with --protocol windows only; pass a small --stride instead")
+    if pos_embedding not in (None, "rope"):
+        raise ValueError("--protocol full needs rotary positions (learned absolute positions end at block_size); "
+                         "use --protocol windows with a small --stride instead: --stride S costs about "
+                         "block_size / S passes over each split, and --stride 1 scores every character with "
+                         "block_size characters of context at block_size passes")
+
+
 def evaluate(run_dir: Path, stride: int = 0, batch_size: int = 32, device: str = "auto",
              splits: tuple[str, ...] = ("val", "test"), checkpoint: Path | None = None, category: str = "",
-             ctx: DistContext = SINGLE_PROCESS, save: bool = True) -> dict:
-    """BPC of each split (or of a category's subset of it), returned and, with save, written to the run
-    folder (rank 0). Under torchrun the ranks share the windows (every rank must call it) and all return
-    the same numbers."""
+             ctx: DistContext = SINGLE_PROCESS, save: bool = True, protocol: str = "windows") -> dict:
+    """BPC of each split (or of a category's subset of it), with its protocol, returned and, with save,
+    written to the run folder (rank 0). stride 0 is default_stride. Under torchrun the ranks share the
+    work (every rank must call it) and all return the same numbers."""
     run_dir = Path(run_dir)
     if batch_size < 1 or stride < 0:
-        raise ValueError(f"--batch-size must be at least 1 ({batch_size}) and --stride 0 (block_size) or more ({stride})")
+        raise ValueError(f"--batch-size must be at least 1 ({batch_size}) and --stride 0 (block_size // 4) "
+                         f"or more ({stride})")
+    check_protocol(protocol, stride, category)
     dev = resolve_device(device, ctx)
     model, cfg, step = load_model(run_dir, dev, checkpoint)
+    check_protocol(protocol, stride, category, cfg.model.pos_embedding)
     data_dir = cfg.dataset_dir
     meta = load_meta(data_dir)
     if meta["vocab_size"] != cfg.model.vocab_size:
         raise DataError(f"{data_dir} has vocab {meta['vocab_size']} but the model was trained on {cfg.model.vocab_size}")
-    stride = stride or cfg.model.block_size
-    result = {"step": step, "stride": stride, "block_size": cfg.model.block_size, "dataset": str(data_dir)}
+    T = cfg.model.block_size
+    stride = None if protocol == "full" else stride or default_stride(T)
+    result = {"step": step, "stride": stride, "block_size": T, "dataset": str(data_dir)}
     if category:
         result["category"] = category
+    contexts, sizes = Contexts(), {}
     for split in splits:
         tokens = split_tokens(data_dir, split, meta)
-        args = (cfg.model.block_size, stride, batch_size, dev, autocast(cfg.dtype, dev), split, ctx)
+        args = (T, stride, batch_size, dev, autocast(cfg.dtype, dev), split, ctx)
+        spans = category_spans(data_dir, category, split) if category else None
         if category:
-            bpc, count = spans_bpc(model, tokens, category_spans(data_dir, category, split), *args)
+            bpc, count = spans_bpc(model, tokens, spans, *args)
         else:
-            bpc, count = split_bpc(model, tokens, *args)
+            bpc, count = split_bpc(model, tokens, *args, protocol=protocol)
         result[f"{split}_bpc"], result[f"{split}_chars"] = bpc, count
+        split_ctx = split_contexts(len(tokens), T, stride, protocol, spans)
+        contexts = contexts + split_ctx
+        sizes[split] = {"tokens": len(tokens), **split_ctx.summary()}
+    result["protocol"] = {"name": protocol, "block_size": T, "stride": stride, **contexts.summary(), "splits": sizes}
+    if protocol == "full":
+        result["protocol"]["receptive_field"] = cfg.model.n_layer * (T - 1) + 1
     if save and ctx.is_master:
         write_result(run_dir, result)
     return result
@@ -175,8 +359,12 @@ def _main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m charlm.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a run folder written by charlm.train")
-    parser.add_argument("--stride", type=int, default=0, help="window stride in tokens (default: block_size)")
-    parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="windows",
+                        help="windows: block_size windows sliding by --stride; full: every character with "
+                             "full context through sliding-window attention (rotary models)")
+    parser.add_argument("--stride", type=int, default=0,
+                        help="window stride in tokens for --protocol windows (default: block_size // 4)")
+    parser.add_argument("--batch-size", type=int, default=32, help="windows (--protocol full: rows) per forward pass")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--checkpoint", type=Path,
                         help="a checkpoint file, or 'best' for the one with the lowest val estimate (default: the newest)")
@@ -184,9 +372,10 @@ def _main(argv=None) -> None:
     args = parser.parse_args(argv)
     with distributed(args.device) as ctx:
         result = evaluate(args.run_dir, args.stride, args.batch_size, args.device, checkpoint=args.checkpoint,
-                          category=args.category, ctx=ctx, save=False)
+                          category=args.category, ctx=ctx, save=False, protocol=args.protocol)
     if not ctx.is_master:
         return
+    print(f"protocol: {describe_protocol(result['protocol'])}")
     if args.category:
         print(f"on the {args.category} subset of each split:")
     for split in ("val", "test"):

@@ -1,6 +1,7 @@
 """The scheme's report, from scheme.json: report.md (the report's table) and finetune_curves.png."""
 from pathlib import Path
 
+from charlm.eval import protocol_notes
 from charlm.experts.state import read_state
 from charlm.io import atomic_write_text, pyplot, save_figure
 from charlm.runlog import read_metrics
@@ -43,7 +44,10 @@ def report_markdown(scheme_dir: Path, state: dict) -> str:
     summary = (f"{spec['variant']} on {spec['dataset']}, categories `{spec['categories']}`: pre-training {pre}, "
                f"{len(spec['order'])} fine-tunes of {spec['fine_iters']} steps, post-training {spec['post_iters']} "
                f"steps from the top {state['top_k']} by global val BPC.")
-    lines = [f"# Expert scheme: {scheme_dir}", "", summary, "", *HEADER, *(table_row(r, spec) for r in done), "", NOTE]
+    protocols = protocol_notes([(row_label(r, spec), r.get("protocol")) for r in done])
+    lines = [f"# Expert scheme: {scheme_dir}", "", summary, "", *HEADER, *(table_row(r, spec) for r in done), "", NOTE,
+             "", "Evaluation protocol of global val and test (charlm.eval; subset val: the same windows, each span "
+             "a document of its own):", "", *(f"- {line}" for line in protocols)]
     if missing:
         lines += ["", f"Not finished yet: {', '.join(missing)}."]
     return "\n".join(lines) + "\n"

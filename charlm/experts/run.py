@@ -51,7 +51,7 @@ def evaluate_stage(scheme: Scheme, stage: Stage, record: dict, checkpoint: Path,
     run_dir, device = scheme.stage_dir(stage), scheme.base.device
     save = run_dir != scheme.pre_from  # a --from run's own eval.json (another stride, say) stays as it was
     full = evaluate(run_dir, device=device, checkpoint=checkpoint, ctx=ctx, save=save)
-    record.update(val_bpc=full["val_bpc"], test_bpc=full["test_bpc"], subset_val_bpc=None)
+    record.update(val_bpc=full["val_bpc"], test_bpc=full["test_bpc"], protocol=full["protocol"], subset_val_bpc=None)
     if stage.category:
         subset = evaluate(run_dir, device=device, splits=("val",), checkpoint=checkpoint,
                           category=f"{scheme.categories}/{stage.category}", ctx=ctx, save=save)

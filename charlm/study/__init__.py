@@ -30,8 +30,8 @@ post-training of the fine-tune with the best val BPC) in the run folder, its ste
 steps count everything spent to produce it: pre-training, every fine-tune (all are needed to choose one)
 and post-training. The scheme's own equal-compute control also runs (see the run's report.md).
 
-What is reported. val and test BPC are full passes over each split (charlm.eval: windows of the model's
-own block size, every character scored once), next-character loss only: TIPA's auxiliary loss is a
+What is reported. val and test BPC are full passes over each split (charlm.eval's default protocol,
+recorded in results.md: every character scored once), next-character loss only: TIPA's auxiliary loss is a
 training signal and never counts. The evaluated checkpoint is chosen without looking at test: a run's
 `best.pt` (the trainer keeps the weights of its best val estimate), or the final checkpoint if best.pt
 is missing or corrupt; an experts run's final post-training checkpoint. Test BPC is the headline: val

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
+from charlm.eval import protocol_cell, protocol_notes
 from charlm.io import atomic_write_text, pyplot, save_figure
 from charlm.runlog import read_metrics
 from charlm.study.plan import format_count
@@ -36,11 +37,16 @@ def format_table(rows: list[dict], reference: str) -> str:
 
 
 def format_runs(records: list[dict]) -> str:
-    lines = ["| run | checkpoint | val BPC | test BPC |", "|---|---|---:|---:|"]
+    lines = ["| run | checkpoint | val BPC | test BPC | evaluation protocol |", "|---|---|---:|---:|---|"]
     for r in records:
         lines.append(f"| {r['condition']}-s{r['seed']} | step {r['checkpoint_step']:,} ({r['selection']}) "
-                     f"| {r['val_bpc']:.4f} | {r['test_bpc']:.4f} |")
+                     f"| {r['val_bpc']:.4f} | {r['test_bpc']:.4f} | {protocol_cell(r.get('protocol'))} |")
     return "\n".join(lines)
+
+
+def format_protocols(records: list[dict]) -> str:
+    """The evaluation protocols of the runs, each with the conditions evaluated under it."""
+    return "\n".join(f"  - {line}" for line in protocol_notes([(r["condition"], r.get("protocol")) for r in records]))
 
 
 def results_markdown(records: list[dict], reference: str, settings: dict, command: str) -> str:
@@ -55,8 +61,11 @@ Dataset `{settings['dataset']}` ({settings['tokenization']}); every run trained 
 
 {format_table(summarize(records, reference), reference)}
 
-- val and test BPC: full passes over each split (charlm.eval, windows of the model's block size), next-character
-  loss only (TIPA's auxiliary loss never counts). Test BPC is the headline: the checkpoint was selected on val.
+- val and test BPC: full passes over each split (charlm.eval), every character scored once, next-character loss
+  only (TIPA's auxiliary loss never counts). Test BPC is the headline: the checkpoint was selected on val.
+  Evaluation protocol (context per scored character; `python -m charlm.eval RUN --stride 1` or, for rotary
+  models, `--protocol full` gives every character its full context):
+{format_protocols(records)}
 - Checkpoints (per run below): a plain run's best.pt, the weights of its best val estimate during training (its
   final checkpoint if best.pt is missing). An experts:VARIANT run (charlm.experts) reports the final checkpoint of
   the post-training of the fine-tune the scheme chose on val; its steps are pre-training, every fine-tune and

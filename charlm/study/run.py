@@ -102,7 +102,7 @@ def train_and_evaluate(c: Condition, seed: int, out_dir: Path, ctx: DistContext,
         raise StudyError(f"{run}: the newest checkpoint is at step {result['step']}, not {c.steps}")
     return finish_run(run, ctx, lambda: new_record(
         c, seed, checkpoint_step=result["step"], selection=checkpoint.selection, val_bpc=result["val_bpc"],
-        test_bpc=result["test_bpc"], curve=[[".", 0]]))
+        test_bpc=result["test_bpc"], protocol=result["protocol"], curve=[[".", 0]]))
 
 
 def experts_record(c: Condition, seed: int, scheme: Scheme, state: dict) -> dict:
@@ -117,7 +117,7 @@ def experts_record(c: Condition, seed: int, scheme: Scheme, state: dict) -> dict
     final = state["stages"][lineage[-1].name]
     return new_record(c, seed, checkpoint_step=lineage[-1].steps_total,
                       selection=f"final; expert {fine[chosen].category!r} chosen on val",
-                      val_bpc=final["val_bpc"], test_bpc=final["test_bpc"],
+                      val_bpc=final["val_bpc"], test_bpc=final["test_bpc"], protocol=final.get("protocol"),
                       curve=[[stage.name, stage.steps_total - stage.iters] for stage in lineage])
 
 

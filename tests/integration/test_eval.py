@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from charlm.eval import evaluate, load_model, scoring_windows
 from charlm.sample import sample
 from charlm.trainer import train
+from test_distributed import TORCHRUN, run as run_command
 from test_train import tiny_cfg
 
 pytestmark = pytest.mark.integration
@@ -30,8 +31,8 @@ def test_scoring_windows_score_every_target_once(n, T, stride):
 def test_eval_equals_hand_computed_cross_entropy(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     train(tiny_cfg(tiny_dataset, run, max_iters=5, eval_interval=5))
-    result = evaluate(run, device="cpu")
     model, cfg, _ = load_model(run, torch.device("cpu"))
+    result = evaluate(run, device="cpu", stride=cfg.model.block_size)
     root, name = tiny_dataset
     tokens = torch.from_numpy(np.fromfile(root / name / "val.bin", dtype=np.uint8).astype(np.int64))
     T, total = cfg.model.block_size, 0.0
@@ -44,6 +45,52 @@ def test_eval_equals_hand_computed_cross_entropy(tiny_dataset, tmp_path):
     assert result["val_chars"] == len(tokens) - 1
     assert result["val_bpc"] == pytest.approx(total / (len(tokens) - 1) / math.log(2), rel=1e-6)
     assert json.loads((run / "eval.json").read_text())["test_bpc"] == result["test_bpc"]
+
+
+def test_default_protocol_and_its_record(tiny_dataset, tmp_path):
+    """Windows sliding by block_size // 4; eval.json says so, with the contexts and the splits' sizes."""
+    run = tmp_path / "run"
+    train(tiny_cfg(tiny_dataset, run, max_iters=2, eval_interval=2))
+    result = evaluate(run, device="cpu")
+    T = result["block_size"]
+    protocol = json.loads((run / "eval.json").read_text())["protocol"]
+    root, name = tiny_dataset
+    sizes = json.loads((root / name / "meta.json").read_text())["splits"]
+    assert protocol["name"] == "windows" and protocol["stride"] == result["stride"] == T // 4
+    assert protocol["min_context"] == T - T // 4 + 1 and protocol["min_context_all"] == 1
+    assert T - T // 4 < protocol["mean_context"] < T
+    for split in ("val", "test"):
+        assert protocol["splits"][split]["tokens"] == sizes[split]
+        assert protocol["splits"][split]["chars"] == result[f"{split}_chars"] == sizes[split] - 1
+    assert protocol["chars"] == sizes["val"] + sizes["test"] - 2
+    with pytest.raises(ValueError, match="--protocol full needs rotary positions"):
+        evaluate(run, device="cpu", protocol="full")
+
+
+def test_full_protocol_of_a_one_layer_rope_run_equals_stride_1(tiny_dataset, tmp_path):
+    """With one layer, sliding-window attention predicts each character from exactly the block_size
+    characters before it, as windows sliding by one do (at block_size times the cost)."""
+    run = tmp_path / "run"
+    train(tiny_cfg(tiny_dataset, run, "rope", n_layer=1, max_iters=5, eval_interval=5))
+    full = evaluate(run, device="cpu", protocol="full", splits=("val",), batch_size=3)
+    stride1 = evaluate(run, device="cpu", stride=1, splits=("val",), batch_size=256, save=False)
+    assert full["val_chars"] == stride1["val_chars"]
+    assert full["val_bpc"] == pytest.approx(stride1["val_bpc"], rel=1e-5)
+    protocol = json.loads((run / "eval.json").read_text())["protocol"]
+    assert protocol["name"] == "full" and protocol["stride"] is None
+    assert protocol["min_context"] == full["block_size"] and protocol["receptive_field"] == full["block_size"]
+
+
+def test_full_protocol_under_torchrun_matches_one_process(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(tiny_dataset, run, "rope", max_iters=2, eval_interval=2))
+    single = evaluate(run, device="cpu", protocol="full", save=False)
+    run_command([*TORCHRUN, "-m", "charlm.eval", str(run), "--device", "cpu", "--protocol", "full"])
+    shared = json.loads((run / "eval.json").read_text())
+    assert shared["protocol"] == single["protocol"]
+    for split in ("val", "test"):
+        assert shared[f"{split}_chars"] == single[f"{split}_chars"]
+        assert shared[f"{split}_bpc"] == pytest.approx(single[f"{split}_bpc"], rel=1e-5)
 
 
 def test_sample_generates_text(tiny_dataset, tmp_path):

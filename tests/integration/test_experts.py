@@ -13,7 +13,7 @@ from charlm.experts.__main__ import main
 from charlm.categorize import categorize
 from charlm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from charlm.data import prepare
-from charlm.eval import load_model, spans_bpc, split_bpc
+from charlm.eval import describe_protocol, load_model, spans_bpc, split_bpc
 from charlm.trainer import Trainer
 from corpora import make_topic_corpus
 
@@ -104,6 +104,8 @@ def test_the_report_keeps_global_and_subset_val_apart(finished):
     assert [float(cell) for cell in science[2:5]] == pytest.approx(
         [recorded[k] for k in ("val_bpc", "subset_val_bpc", "test_bpc")], abs=5e-5)  # each in its own column
     assert recorded["subset_val_bpc"] != pytest.approx(recorded["val_bpc"], abs=5e-5)  # so a swap would show
+    assert recorded["protocol"] == json.loads((finished / "fine/01-science/eval.json").read_text())["protocol"]
+    assert describe_protocol(recorded["protocol"]) in report  # the evaluation protocol under the table
     val = [float(r[2]) for r in rows.values()]
     assert val == sorted(val)  # the report's form: best first
     assert (finished / "finetune_curves.png").stat().st_size > 0

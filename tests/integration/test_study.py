@@ -14,7 +14,7 @@ from charlm.study import plan, report, stats
 from charlm.study.__main__ import main, parse_args
 from charlm.study.command import plan_study
 from charlm.study.run import check_study_settings, run_config
-from charlm.eval import load_model, scoring_windows
+from charlm.eval import default_stride, describe_protocol, load_model, protocol_cell, scoring_windows
 from charlm.tipa import reverse_positions
 from charlm.trainer import Trainer
 
@@ -214,7 +214,8 @@ def test_rerun_skips_finished_runs_and_resumes_interrupted_ones(tiny_dataset, tm
         assert list(x) == pytest.approx([r["step"] * flops_per_step for r in val])  # steps 4 and 8, in FLOPs
         assert list(y) == pytest.approx([r["val_bpc"] for r in val])  # one seed: its curve is the mean
         assert f"| {run} | step {result['checkpoint_step']} ({result['selection']}) | {result['val_bpc']:.4f} " \
-               f"| {result['test_bpc']:.4f} |" in (out / "results.md").read_text()
+               f"| {result['test_bpc']:.4f} | {protocol_cell(result['protocol'])} |" in (out / "results.md").read_text()
+        assert describe_protocol(result["protocol"]) in (out / "results.md").read_text()
 
 
 @pytest.mark.integration
@@ -227,13 +228,15 @@ def test_tipa_bpc_counts_next_character_loss_only(tiny_dataset, tmp_path):
     # by hand: both losses of the evaluated checkpoint over the whole val split, each target scored once
     model, cfg, step = load_model(run, torch.device("cpu"), run / "best.pt")
     assert step == result["checkpoint_step"]
+    protocol = result["protocol"]
+    assert protocol["name"] == "windows" and protocol["stride"] == default_stride(cfg.model.block_size)
     root, name = tiny_dataset
     tokens = np.fromfile(root / name / "val.bin", dtype=np.uint8)
     reverse = torch.from_numpy(reverse_positions(tokens, cfg.model.tipa_max).astype(np.int64))
     data, T = torch.from_numpy(tokens.astype(np.int64)), cfg.model.block_size
     lm_total = tipa_total = 0.0
     with torch.no_grad():
-        for start, first in scoring_windows(len(tokens), T, T):
+        for start, first in scoring_windows(len(tokens), T, result["protocol"]["stride"]):
             h = model.hidden(data[start:start + T][None])[0]
             lm = F.cross_entropy(model.lm_head(h), data[start + 1:start + T + 1], reduction="none")
             aux = F.cross_entropy(model.tipa_head(h), reverse[start + 1:start + T + 1], reduction="none")

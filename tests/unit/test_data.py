@@ -112,6 +112,60 @@ def test_bad_download_is_not_reused(fake_enwik8, tmp_path):
     assert load_meta(out)["splits"]["train"] == int(0.9 * data.ENWIK8_BYTES)
 
 
+@pytest.fixture
+def fake_text8(monkeypatch, tmp_path):
+    """A small stand-in for text8 (its alphabet, every symbol present): the expected size is pointed at it."""
+    words = np.random.default_rng(0).choice(list(b"abcdefghijklmnopqrstuvwxyz "), 6000).astype(np.uint8)
+    content = b" anarchism originated " + bytes(words) + b" abcdefghijklmnopqrstuvwxyz"
+    monkeypatch.setattr(data, "TEXT8_BYTES", len(content))
+    archive = tmp_path / "text8.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("text8", content)
+    return content, archive
+
+
+def test_text8_has_27_symbols_one_token_per_character(fake_text8, tmp_path, capsys):
+    content, archive = fake_text8
+    out = data.prepare_text8(tmp_path / "data", from_file=archive)
+    meta = load_meta(out)
+    assert out.name == "text8" and meta["vocab_size"] == 27 and meta["source"]["name"] == "text8"
+    a, b = int(len(content) * 0.9), int(len(content) * 0.95)
+    assert meta["splits"] == {"train": a, "val": b - a, "test": len(content) - b}
+    val = read_split(out, "val", meta)
+    assert decode_tokens(val, meta) == content[a:b].decode()
+    data.prepare_text8(tmp_path / "data", from_file=archive)
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_text8_from_an_unzipped_file_and_by_download(fake_text8, tmp_path):
+    content, archive = fake_text8
+    plain = tmp_path / "text8"
+    plain.write_bytes(content)
+    assert load_meta(data.prepare_text8(tmp_path / "a", from_file=plain))["source"]["bytes"] == len(content)
+    out = data.prepare_text8(tmp_path / "b", url=archive.as_uri())
+    assert (tmp_path / "b" / "downloads" / "text8.zip").read_bytes() == archive.read_bytes()
+    meta = load_meta(out)
+    assert (read_split(out, "test", meta) == read_split(tmp_path / "a" / "text8", "test", meta)).all()
+
+
+def test_text8_checks_size_and_alphabet(fake_text8, tmp_path):
+    content, _ = fake_text8
+    short, upper = tmp_path / "short", tmp_path / "upper"
+    short.write_bytes(content[:-1])
+    upper.write_bytes(content[:-1] + b"Z")
+    with pytest.raises(DataError, match=f"{short}: not text8: expected {len(content)} bytes, got {len(content) - 1}"):
+        data.prepare_text8(tmp_path / "data", from_file=short)
+    with pytest.raises(DataError, match=f"{upper}: not text8: expected only a-z and space, found b'Z'"):
+        data.prepare_text8(tmp_path / "data", from_file=upper)
+    assert not (tmp_path / "data" / "text8").exists()
+
+
+def test_text8_command_line(fake_text8, tmp_path):
+    _, archive = fake_text8
+    data.main(["text8", "--from-file", str(archive), "--data-root", str(tmp_path / "data")])
+    assert load_meta(tmp_path / "data" / "text8")["vocab_size"] == 27
+
+
 def test_replacing_a_dataset_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path, monkeypatch):
     prepare(make_corpus(2000), tmp_path / "ds", "bytes")
     old_train = (tmp_path / "ds" / "train.bin").read_bytes()
