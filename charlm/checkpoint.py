@@ -11,7 +11,6 @@ cannot run code.
 import contextlib
 import hashlib
 import json
-import pickle
 import re
 import warnings
 from pathlib import Path
@@ -29,7 +28,10 @@ CKPT_NAME = re.compile(r"ckpt_(\d{8,})\.pt")
 BEST = "best.pt"
 SHA256 = re.compile(r"[0-9a-f]{64}")
 LOCK = ".lock"  # held by the process training in the folder (charlm.io.exclusive_lock)
-TEMPORARY = re.compile(r"\.(.+)\.[^.]+\.tmp")  # .NAME.<random>.tmp: charlm.io.atomic_write's temporaries
+# The trainer's own files, whose temporaries (.NAME.<random>.tmp, charlm.io.atomic_write's) a killed write can
+# leave; others (an eval.json that charlm.eval is writing now, say) are not the trainer's to remove.
+TRAINER_TEMPORARY = re.compile(r"\.(ckpt_\d+\.pt|best\.pt|checkpoints\.json|metrics\.jsonl|config\.json|curves\.png"
+                               r"|model\.safetensors|model_config\.json)\.[^.]+\.tmp")
 
 
 class CheckpointError(CharlmError, ValueError):
@@ -93,9 +95,8 @@ def _read_manifest(run_dir: Path) -> list[dict]:
     return manifest["checkpoints"] if manifest is not None else _discovered_entries(run_dir)
 
 
-def _read_best(run_dir: Path) -> dict | None:
-    manifest = _read_manifest_file(run_dir)
-    return manifest["best"] if manifest is not None else None
+def _hashed(path: Path, step: int) -> dict:
+    return {"file": path.name, "step": step, "bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
 def checkpoint_entry(path: Path) -> dict:
@@ -108,7 +109,21 @@ def checkpoint_entry(path: Path) -> dict:
     name = CKPT_NAME.fullmatch(path.name)
     if name is None or not path.is_file():
         raise CheckpointError(f"{path}: not a checkpoint of {path.parent} (ckpt_<step>.pt)")
-    return {"file": path.name, "step": int(name[1]), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return _hashed(path, int(name[1]))
+
+
+def _recorded(run_dir: Path) -> tuple[list[dict], dict | None]:
+    """The manifest's checkpoints and best entry, to write back with a change: from checkpoints.json, or,
+    when it is missing or damaged, from the files that load (a corrupt one is left out, so that a later
+    --resume falls back past it; a recovered best.pt's val BPC is unknown)."""
+    manifest = _read_manifest_file(run_dir)
+    if manifest is not None:
+        return manifest["checkpoints"], manifest["best"]
+    entries = [_hashed(run_dir / e["file"], e["step"]) for e in _discovered_entries(run_dir) if _is_intact(run_dir, e)]
+    best = None
+    with contextlib.suppress(CheckpointError):
+        best = {**_hashed(run_dir / BEST, load_checkpoint(run_dir / BEST)["step"]), "val_bpc": None}
+    return entries, best
 
 
 def _write_manifest(run_dir: Path, entries: list[dict], best: dict | None) -> None:
@@ -118,7 +133,7 @@ def _write_manifest(run_dir: Path, entries: list[dict], best: dict | None) -> No
 
 def _write(path: Path, step: int, state: dict) -> dict:
     atomic_write(path, lambda f: torch.save({"format": FORMAT, "step": step, **state}, f))
-    return {"file": path.name, "step": step, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return _hashed(path, step)
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 3) -> Path:
@@ -126,11 +141,10 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 3) -> Pat
     (only files the manifest names, which are plain names inside run_dir)."""
     run_dir = Path(run_dir)
     path = run_dir / f"ckpt_{step:08d}.pt"
-    entries = [e for e in _read_manifest(run_dir) if e["step"] != step] + [_write(path, step, state)]
-    entries = [e if e["sha256"] else checkpoint_entry(run_dir / e["file"]) for e in entries]
-    entries.sort(key=lambda e: e["step"])
+    entries, best = _recorded(run_dir)
+    entries = sorted([e for e in entries if e["step"] != step] + [_write(path, step, state)], key=lambda e: e["step"])
     stale, entries = entries[:-keep], entries[-keep:]
-    _write_manifest(run_dir, entries, _read_best(run_dir))
+    _write_manifest(run_dir, entries, best)
     for e in stale:
         (run_dir / e["file"]).unlink(missing_ok=True)
     return path
@@ -139,15 +153,16 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 3) -> Pat
 def save_best(run_dir: Path, step: int, state: dict, val_bpc: float) -> Path:
     """Write best.pt: the weights with the lowest val estimate so far (checkpoints are selected on val)."""
     run_dir = Path(run_dir)
-    entry = {**_write(run_dir / BEST, step, state), "val_bpc": val_bpc}
-    _write_manifest(run_dir, _read_manifest(run_dir), entry)
+    entries, _ = _recorded(run_dir)
+    _write_manifest(run_dir, entries, {**_write(run_dir / BEST, step, state), "val_bpc": val_bpc})
     return run_dir / BEST
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:
-    """best.pt if it is intact, else None."""
-    entry = _read_best(run_dir)
-    return Path(run_dir) / entry["file"] if entry and _is_intact(run_dir, entry) else None
+    """best.pt if it is intact (by the manifest's size and hash, or, without a manifest, if it loads)."""
+    manifest = _read_manifest_file(run_dir)
+    entry = manifest["best"] if manifest is not None else {"file": BEST, "sha256": None}
+    return Path(run_dir) / BEST if entry and _is_intact(run_dir, entry) else None
 
 
 def _is_intact(run_dir: Path, entry: dict) -> bool:
@@ -183,8 +198,8 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, AttributeError, RuntimeError) as e:
-        if isinstance(e, torch.OutOfMemoryError) or "CUDA" in str(e):  # the device's problem, not the file's
+    except Exception as e:  # torch's weights-only unpickler raises many kinds on a torn or foreign file
+        if isinstance(e, (torch.OutOfMemoryError, OSError)) or "CUDA" in str(e):  # the device's or disk's problem
             raise
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"{path}: not a readable charlm checkpoint ({type(e).__name__}: {first_line})") from e
@@ -298,7 +313,7 @@ class RunCheckpoints:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock = exclusive_lock(self.run_dir / LOCK, f"run folder {self.run_dir}", blocking=False)
         with lock:
-            names = {m[1] for p in self.run_dir.glob(".*.tmp") if (m := TEMPORARY.fullmatch(p.name))}
+            names = {m[1] for p in self.run_dir.glob(".*.tmp") if (m := TRAINER_TEMPORARY.fullmatch(p.name))}
             for name in sorted(names):
                 remove_stale_temporaries(self.run_dir, name)
             yield
@@ -313,6 +328,6 @@ class RunCheckpoints:
         path = self.latest()
         return None if path is None else (path, load_compatible(path, self.cfg.model, device))
 
-    def load_init(self, device: torch.device) -> dict:
-        """The weights of --init-from (fine-tuning): checked like a resumed checkpoint."""
-        return load_compatible(Path(self.cfg.init_from), self.cfg.model, device)["model"]
+    def load_compatible(self, path: Path, device: torch.device) -> dict:
+        """The weights of checkpoint `path` (--init-from), checked like a resumed checkpoint."""
+        return load_compatible(Path(path), self.cfg.model, device)["model"]

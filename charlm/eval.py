@@ -55,7 +55,13 @@ from charlm.sliding import sliding_hidden
 
 def load_model(run_dir: Path, device: torch.device, checkpoint: Path | None = None) -> tuple[GPT, Config, int]:
     """The run's model from its newest intact (or the given) checkpoint, in eval mode."""
-    path = best_checkpoint(run_dir) if str(checkpoint) == "best" else checkpoint or latest_checkpoint(run_dir)
+    if str(checkpoint) == "best":
+        path = best_checkpoint(run_dir)
+        if path is None:
+            raise FileNotFoundError(f"{run_dir}: no intact best.pt (the run kept none: --no-save-best, or it is "
+                                    f"corrupt); give --checkpoint PATH or leave it out for the newest")
+    else:
+        path = checkpoint or latest_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint found (train it first with python -m charlm.train)")
     state = check_finite(load_checkpoint(path, map_location=device), path)

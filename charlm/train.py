@@ -53,7 +53,8 @@ def parse_config(argv=None) -> tuple[Config, bool]:
     if cfg.resume and saved.is_file():
         if args.config:
             raise ValueError(f"--config starts a run from a file; --resume continues {saved}: give one of them")
-        cfg = resumed_config(Config.load(saved), given_flags(args))
+        # The folder resumed is the one named now, whatever out_dir its config.json holds (a copied run).
+        cfg = resumed_config(Config.load(saved), {**given_flags(args), "out_dir": str(cfg.run_dir)})
     return cfg, args.print_config
 
 
@@ -91,6 +92,8 @@ def _main(argv=None) -> None:
     if cfg.plan_only:
         print(plan_only(cfg).describe())
         return
+    if cfg.resume and not cfg.run_dir.exists():
+        print(f"--resume: {cfg.run_dir} holds no run yet; starting it at step 0")
     with distributed(cfg.device) as ctx:
         train(cfg, ctx)
 

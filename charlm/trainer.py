@@ -198,8 +198,8 @@ class Trainer:
         self.checkpoints.save(self.step, self.raw_model, self.state_dict())
 
     def init_from(self, path: Path) -> None:
-        """Start from another run's weights (fine-tuning); optimizer, schedule and step start fresh."""
-        self.raw_model.load_state_dict(self.checkpoints.load_init(self.device))
+        """Start from the weights of checkpoint `path` (fine-tuning); optimizer, schedule and step start fresh."""
+        self.raw_model.load_state_dict(self.checkpoints.load_compatible(path, self.device))
 
     def resume(self) -> bool:
         """Load the run folder's newest intact checkpoint; False if there is none."""
@@ -418,25 +418,23 @@ def check_paths(cfg: Config) -> None:
 def train(cfg: Config, ctx: DistContext = SINGLE_PROCESS) -> Trainer:
     """Train a run to the end: resumed with cfg.resume, from cfg.init_from's weights, or from scratch."""
     check_paths(cfg)
-    if cfg.resume and not cfg.run_dir.exists():
-        ctx.print(f"--resume: {cfg.run_dir} holds no run yet; starting it at step 0")
     checkpoints = RunCheckpoints(cfg.run_dir, cfg, ctx.is_master)
     with checkpoints.locked() if ctx.is_master else contextlib.nullcontext():
         start = checkpoints.starting_point()
         trainer = Trainer(cfg, ctx)
         if start is not None:
             trainer.resume()
-            if trainer.step >= cfg.max_iters:
-                ctx.print(f"{cfg.run_dir} is finished (step {trainer.step} of --max-iters {cfg.max_iters}): nothing "
-                          f"to train. Evaluate it with python -m charlm.eval {cfg.run_dir}, or train it further "
-                          f"with --resume --max-iters N --extend")
-                return trainer
-            if cfg.extend:
-                ctx.print(f"extending {cfg.run_dir} to step {cfg.max_iters}: the LR stays at "
-                          f"{lr_at(cfg.max_iters, cfg):.2e} after step {cfg.lr_decay_iters}")
         elif cfg.init_from:
             trainer.init_from(Path(cfg.init_from))
         trainer.check_ranks_agree_on_step()
+        if start is not None and trainer.step >= cfg.max_iters:
+            ctx.print(f"{cfg.run_dir} is finished (step {trainer.step} of --max-iters {cfg.max_iters}): nothing to "
+                      f"train. Evaluate it with python -m charlm.eval {cfg.run_dir}, or train it further with "
+                      f"--resume --max-iters N --extend")
+            return trainer
+        if cfg.extend:
+            ctx.print(f"extending {cfg.run_dir} to step {cfg.max_iters}: the LR stays at "
+                      f"{lr_at(cfg.max_iters, cfg):.2e} after step {cfg.lr_decay_iters}")
         try:
             trainer.run()
         except torch.cuda.OutOfMemoryError as e:

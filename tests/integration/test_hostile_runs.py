@@ -1,5 +1,5 @@
 """Hostile input to runs: what is loaded from disk never runs code, nothing outside the run folder is touched,
-and no run's history is wiped without the user saying so. 60 cases:
+and no run's history is wiped without the user saying so. 62 cases:
 
 - 4 crafted pickles, through charlm.eval, charlm.sample, --resume and --init-from (none runs its payload);
 - 4 damaged manifests (absolute path, ../ path, a non-integer step, not JSON): nothing outside the run folder
@@ -12,6 +12,7 @@ and no run's history is wiped without the user saying so. 60 cases:
 - 4 path flags: --init-from missing, --out-dir a file, config.json not JSON, config.json of the wrong type;
 - 27 numeric and choice flags at 0, negative, nan, inf, overflow or an unknown value (one error line each);
 - a second trainer on a folder in use, temporaries of killed writes, malformed metrics lines;
+- a config.json naming another folder, a torn manifest with a torn newest checkpoint;
 - 4 study budgets (nan, inf, negative, zero).
 Every refusal is one `error: ...` line naming the file or flag, and a non-zero exit.
 """
@@ -25,7 +26,7 @@ import time
 import pytest
 import torch
 
-from charlm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from charlm.checkpoint import best_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from charlm.data import prepare
 from charlm.eval import main as eval_main
 from charlm.sample import main as sample_main
@@ -259,8 +260,10 @@ def test_temporaries_of_killed_writes_are_removed_by_the_next_run(trained, tiny_
         path.write_bytes(b"half a write")
     keep = trained / ".notes.tmp"  # not a charlm temporary
     keep.write_text("the user's")
+    evaluating = trained / ".eval.json.x1.tmp"  # charlm.eval's, perhaps being written now: not the trainer's
+    evaluating.write_text("{")
     train_main(run_args(tiny_dataset, trained, "--resume", "--extend", iters=6))
-    assert not any(p.exists() for p in stale) and keep.read_text() == "the user's"
+    assert not any(p.exists() for p in stale) and keep.read_text() == "the user's" and evaluating.exists()
 
 
 def test_malformed_metrics_lines_neither_stop_a_resume_nor_the_plot(trained, tiny_dataset):
@@ -280,3 +283,22 @@ def test_a_study_budget_that_is_not_a_positive_number_is_one_line(budget, capsys
         study_main(["--budget", budget, "--plan-only"])
     assert exit_info.value.code == 2
     assert f"--budget a positive finite number ({float(budget)})" in capsys.readouterr().err
+
+
+def test_resume_trains_in_the_folder_named_not_the_one_its_config_json_names(trained, tiny_dataset, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    config = json.loads((trained / "config.json").read_text())
+    (trained / "config.json").write_text(json.dumps({**config, "out_dir": str(elsewhere)}))
+    train_main(run_args(tiny_dataset, trained, "--resume", "--extend", iters=6))
+    assert not elsewhere.exists() and load_checkpoint(latest_checkpoint(trained))["step"] == 6
+
+
+def test_a_rebuilt_manifest_keeps_best_and_leaves_out_a_corrupt_checkpoint(trained, tiny_dataset):
+    (trained / "checkpoints.json").write_text("{ torn")
+    (trained / "ckpt_00000004.pt").write_bytes(b"torn")  # the newest, found from the files, does not load
+    with pytest.warns(UserWarning, match="damaged"):
+        train_main(run_args(tiny_dataset, trained, "--resume", "--extend", "--eval-interval", "100", iters=6))
+    manifest = json.loads((trained / "checkpoints.json").read_text())
+    assert [e["step"] for e in manifest["checkpoints"]] == [2, 6]  # resumed from 2; the torn 4 left out
+    assert manifest["best"]["file"] == "best.pt" and manifest["best"]["sha256"]
+    assert best_checkpoint(trained) == trained / "best.pt"
