@@ -20,6 +20,7 @@ import torch
 from charlm.config import Config, ModelConfig
 from charlm.errors import CharlmError
 from charlm.io import atomic_write, atomic_write_text, exclusive_lock, remove_stale_temporaries
+from charlm.model import GPT
 from charlm.runlog import METRICS, read_metrics
 
 MANIFEST = "checkpoints.json"
@@ -331,3 +332,22 @@ class RunCheckpoints:
     def load_compatible(self, path: Path, device: torch.device) -> dict:
         """The weights of checkpoint `path` (--init-from), checked like a resumed checkpoint."""
         return load_compatible(Path(path), self.cfg.model, device)["model"]
+
+
+def load_model(run_dir: Path, device: torch.device, checkpoint: Path | None = None) -> tuple[GPT, Config, int]:
+    """The run's model from its newest intact (or the given) checkpoint, in eval mode."""
+    if str(checkpoint) == "best":
+        path = best_checkpoint(run_dir)
+        if path is None:
+            raise FileNotFoundError(f"{run_dir}: no intact best.pt (the run kept none: --no-save-best, or it is "
+                                    f"corrupt); give --checkpoint PATH or leave it out for the newest")
+    else:
+        path = checkpoint or latest_checkpoint(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint found (train it first with python -m charlm.train)")
+    state = check_finite(load_checkpoint(path, map_location=device), path)
+    cfg = Config.from_dict(state["config"], source=str(path))
+    model = GPT.from_config(cfg).to(device)
+    check_weights_fit(state["model"], model, f"{path}: its weights do not fit its config")
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg, state["step"]

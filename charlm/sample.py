@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from charlm import cli
+from charlm.checkpoint import load_model
 from charlm.data import decode_tokens, encode_text, load_meta
-from charlm.eval import load_model
 from charlm.runtime import autocast, resolve_device
 
 

@@ -16,7 +16,7 @@ import torch
 
 from charlm import cli
 from charlm.config import Config
-from charlm.eval import load_model
+from charlm.checkpoint import load_model
 from charlm.export.card import TOKENIZER, model_card, read_eval, run_meta, tokenizer_table
 from charlm.export.hf import hf_model
 from charlm.weights import ExportError

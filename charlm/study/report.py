@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from charlm.eval import protocol_cell, protocol_notes
+from charlm.protocol import protocol_cell, protocol_notes
 from charlm.io import atomic_write_text, pyplot, save_figure
 from charlm.runlog import read_metrics
 from charlm.study.plan import format_count

@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from charlm.eval import evaluate, load_model, scoring_windows
+from charlm.checkpoint import load_model
+from charlm.eval import evaluate
+from charlm.protocol import scoring_windows
 from charlm.sample import sample
 from charlm.trainer import train
 from test_distributed import TORCHRUN, run as run_command

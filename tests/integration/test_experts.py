@@ -13,7 +13,9 @@ from charlm.experts.__main__ import main
 from charlm.categorize import categorize
 from charlm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from charlm.data import prepare
-from charlm.eval import describe_protocol, load_model, spans_bpc, split_bpc
+from charlm.checkpoint import load_model
+from charlm.eval import spans_bpc, split_bpc
+from charlm.protocol import describe_protocol
 from charlm.trainer import Trainer
 from corpora import make_topic_corpus
 

@@ -264,7 +264,8 @@ def test_a_checkpoint_whose_tipa_head_does_not_fit_its_config_is_refused(tiny_da
 def test_a_trained_and_evaluated_run_exports_both_ways(tiny_dataset, tmp_path):
     from test_train import tiny_cfg
 
-    from charlm.eval import evaluate, load_model
+    from charlm.checkpoint import load_model
+    from charlm.eval import evaluate
     from charlm.trainer import train
 
     run = tmp_path / "run"

@@ -14,7 +14,8 @@ from charlm.study import plan, report, stats
 from charlm.study.__main__ import main, parse_args
 from charlm.study.command import plan_study
 from charlm.study.run import check_study_settings, run_config
-from charlm.eval import default_stride, describe_protocol, load_model, protocol_cell, scoring_windows
+from charlm.checkpoint import load_model
+from charlm.protocol import default_stride, describe_protocol, protocol_cell, scoring_windows
 from charlm.tipa import reverse_positions
 from charlm.trainer import Trainer
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from charlm.config import resolve
-from charlm.eval import load_model
+from charlm.checkpoint import load_model
 from charlm.train import main
 from charlm.trainer import Trainer, lr_at, train
 
