@@ -23,7 +23,7 @@ VARIANTS: dict[str, dict] = {
     "tipa": {"tipa": True},
     "deep": {"n_layer": 32, "block_size": 512},
     # modded-nanogpt's lessons that measured as helping at charlm's scales (results/modern/results.md)
-    "modern": {"norm": "rmsnorm", "bias": False, "pos_embedding": "rope", "qk_norm": True, "mlp": "relu2",
+    "modern": {"norm": "rmsnorm", "bias": False, "pos_embedding": "rope", "qk_norm": True, "mlp": "swiglu",
                "zero_init": True, "dropout": 0.0, "optimizer": "muon", "lr_schedule": "wsd"},
 }
 
