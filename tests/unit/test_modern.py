@@ -160,3 +160,17 @@ def test_resume_under_muon_continues_exactly(tiny_dataset, tmp_path):
         for key, state in a["optimizer"][kind]["state"].items():
             for name, tensor in state.items():
                 assert torch.equal(tensor, b["optimizer"][kind]["state"][key][name]), (kind, key, name)
+
+
+def test_flops_to_target_interpolates_the_first_crossing():
+    """results/modern/flops_to_target.py, which results.md's FLOPs-to-target column comes from."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parents[2] / "results" / "modern" / "flops_to_target.py"
+    spec = importlib.util.spec_from_file_location("flops_to_target", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    x, y = script.mean_curve([([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]), ([1.0, 2.0, 3.0], [3.0, 1.0, 1.0])])
+    assert list(x) == [1.0, 2.0, 3.0] and list(y) == [3.0, 1.5, 1.0]
+    assert script.flops_to_reach(x, y, 2.0) == pytest.approx(1.0 + 1.0 / 1.5)
+    assert script.flops_to_reach(x, y, 3.5) == 1.0 and script.flops_to_reach(x, y, 0.5) is None
