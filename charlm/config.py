@@ -22,6 +22,9 @@ VARIANTS: dict[str, dict] = {
     "rope": {"pos_embedding": "rope"},
     "tipa": {"tipa": True},
     "deep": {"n_layer": 32, "block_size": 512},
+    # modded-nanogpt's lessons that measured as helping at charlm's scales (results/modern/results.md)
+    "modern": {"norm": "rmsnorm", "bias": False, "pos_embedding": "rope", "qk_norm": True, "mlp": "swiglu",
+               "zero_init": True, "dropout": 0.0, "optimizer": "muon", "lr_schedule": "wsd"},
 }
 
 # Size presets, applied after the variants: `tiny` is for CPU smoke runs and tests.
@@ -55,6 +58,11 @@ class ModelConfig:
     pos_embedding: Literal["learned", "rope"] = option("learned", "learned absolute positions, or rotary q/k")
     tipa: bool = option(False, "auxiliary reverse-position head (README, TIPA)")
     tipa_max: int = option(16, "R: reverse positions are clipped to R; the TIPA head has R + 1 classes")
+    norm: Literal["layernorm", "rmsnorm"] = option("layernorm", "the blocks' and the final norm")
+    mlp: Literal["gelu", "relu2", "swiglu"] = option("gelu", "MLP: GELU or ReLU^2 (4x wide), or SwiGLU at equal "
+                                                             "parameters (three matrices, 8/3x wide)")
+    qk_norm: bool = option(False, "RMS-normalise queries and keys per head before attention (no parameters)")
+    zero_init: bool = option(False, "output projections (attention and MLP c_proj) start at zero")
 
     @property
     def head_dim(self) -> int:
@@ -102,6 +110,13 @@ class Config:
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.95, "AdamW beta2")
     grad_clip: float = option(1.0, "max global grad norm; 0 disables clipping")
+    optimizer: Literal["adamw", "muon"] = option("adamw", "muon: Muon for the blocks' weight matrices, AdamW "
+                                                          "(learning_rate) for embeddings, heads, norms and biases")
+    muon_lr: float = option(0.02, "Muon's peak LR (torch's 'original' shape scaling)")
+    muon_momentum: float = option(0.95, "Muon's Nesterov momentum")
+    lr_schedule: Literal["cosine", "wsd"] = option("cosine", "cosine decay, or wsd: warm-up, stable at the peak, "
+                                                             "linear decay over the last decay_fraction")
+    decay_fraction: float = option(0.4, "wsd: the share of lr_decay_iters spent decaying to min_lr_ratio")
     # evaluation, logging, checkpoints
     eval_interval: int = option(500, "steps between val estimates (charlm.eval does the full pass)")
     eval_iters: int = option(50, "batches per val estimate")
@@ -293,6 +308,10 @@ def _range_errors(cfg: Config) -> list[str]:
          and cfg.grad_clip >= 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
          "weight_decay and grad_clip must be non-negative and beta1, beta2 in [0, 1)"),
         (cfg.stop_at >= 0, f"stop_at must be 0 (max_iters) or a step, got {cfg.stop_at}"),
+        (_finite(cfg.muon_lr, cfg.muon_momentum, cfg.decay_fraction) and cfg.muon_lr > 0
+         and 0 <= cfg.muon_momentum < 1 and 0 < cfg.decay_fraction <= 1,
+         f"muon_lr must be positive ({cfg.muon_lr}), muon_momentum in [0, 1) ({cfg.muon_momentum}) and "
+         f"decay_fraction in (0, 1] ({cfg.decay_fraction})"),
         (cfg.lr_decay_iters >= 0, f"lr_decay_iters must be 0 (max_iters) or more, got {cfg.lr_decay_iters}"),
         (cfg.keep_checkpoints >= 1 and cfg.max_bad_steps >= 1 and cfg.ckpt_interval >= 0,
          "keep_checkpoints and max_bad_steps must be at least 1 and ckpt_interval non-negative"),

@@ -1,7 +1,8 @@
 """The memory planner: predict a training step's peak GPU memory and choose micro-batch and checkpointing.
 
 `estimate_peak_bytes` is an analytic model of eager PyTorch training with charlm's GPT (charlm.model):
-fp32 master weights, AdamW, bf16 autocast on CUDA. `plan_memory` picks the largest micro-batch that
+fp32 master weights, AdamW (or Muon for the blocks' matrices: one momentum buffer instead of AdamW's two
+moments), bf16 autocast on CUDA. `plan_memory` picks the largest micro-batch that
 fits (gradient accumulation makes up the global batch) and turns on activation checkpointing, block by
 block, only when a micro-batch of one sequence does not fit without it.
 
@@ -31,12 +32,13 @@ import torch
 from charlm.config import Config
 from charlm.errors import CharlmError
 from charlm.loss import chunk_rows, uses_chunked_loss
-from charlm.model import parameter_counts
+from charlm.model import hidden_matrix_parameters, mlp_hidden, parameter_counts
 
 GB = 2**30
 
 # Calibration constants: the only numbers here that a measurement on a GPU should change.
 MODEL_STATE_BYTES_PER_PARAM = 16  # fp32 weight, fp32 gradient, AdamW's fp32 exp_avg and exp_avg_sq
+MUON_STATE_BYTES_PER_PARAM = 12  # fp32 weight, fp32 gradient, Muon's fp32 momentum buffer
 WEIGHT_CAST_BYTES_PER_PARAM = 2  # bf16 copy of each Linear weight: autocast caches it, backward keeps it
 DROPOUT_MASK_BYTES = 1  # per element: CUDA's dropout saves a bool mask
 CUDA_CONTEXT_BYTES = 1 * GB  # CUDA context, cuBLAS workspaces, loaded kernels: outside the caching allocator
@@ -74,23 +76,51 @@ def _attention_bytes_per_token(cfg: Config) -> int:
     return 4 * H + (2 * act * C if rotates_outside else 0)
 
 
+def norm_bytes_per_token(cfg: Config) -> int:
+    """A norm's saved tensors. LayerNorm: its input, the fp32 residual stream, and fp32 mean and rstd.
+    RMSNorm: its input, fp32 rstd and the normalised input that the gain's product keeps (torch's composite
+    kernel, as on the CPU; a fused kernel keeps less, so this bounds it)."""
+    C = cfg.model.n_embd
+    return 4 * C + 2 * 4 if cfg.model.norm == "layernorm" else 2 * 4 * C + 4
+
+
+def _qk_norm_bytes_per_token(cfg: Config) -> int:
+    """QK-norm: fp32 rstd per head of q and k; under autocast the fp32 copies of q and k it normalises;
+    and the normalised q and k when attention keeps them (RoPE outside the kernel keeps rotated copies
+    instead, counted with attention)."""
+    if not cfg.model.qk_norm:
+        return 0
+    C, act = cfg.model.n_embd, activation_bytes(cfg)
+    upcast = 2 * 4 * C if uses_autocast(cfg) else 0
+    rotates_outside = cfg.model.pos_embedding == "rope" and cfg.rope_impl != "fused"
+    return 2 * 4 * cfg.model.n_head + upcast + (0 if rotates_outside else 2 * act * C)
+
+
+def mlp_bytes_per_token(cfg: Config) -> int:
+    """The MLP's saved tensors beyond its input. GELU: c_fc's output and GELU's; ReLU^2: ReLU's output (its
+    backward reads its result, which is also the square's input) and the square; SwiGLU: c_fc's output
+    (gate and value), SiLU's output and the product."""
+    hidden, act = mlp_hidden(cfg.model), activation_bytes(cfg)
+    return act * (4 if cfg.model.mlp == "swiglu" else 2) * hidden
+
+
 def block_bytes_per_token(cfg: Config) -> int:
     """Bytes one transformer block saves for its backward pass, per token."""
     C = cfg.model.n_embd
     act = activation_bytes(cfg)
     mask = DROPOUT_MASK_BYTES * C if cfg.dropout > 0 else 0
-    layer_norm = 4 * C + 2 * 4  # its input, the fp32 residual stream, and fp32 mean and rstd
+    norm = norm_bytes_per_token(cfg)
     return (
-        layer_norm                 # ln_1
+        norm                       # ln_1
         + act * C                  # c_attn's input: ln_1's output cast to bf16
         + 3 * act * C              # q, k, v: views into c_attn's output, kept by attention
+        + _qk_norm_bytes_per_token(cfg)
         + _attention_bytes_per_token(cfg)
         + act * C                  # attention output = attn c_proj's input (one storage)
         + mask                     # residual dropout after attention
-        + layer_norm               # ln_2
+        + norm                     # ln_2
         + act * C                  # c_fc's input
-        + act * 4 * C              # GELU's input: c_fc's output, (B, T, 4C)
-        + act * 4 * C              # mlp c_proj's input: GELU's output
+        + mlp_bytes_per_token(cfg)  # hidden activations; the last is mlp c_proj's input
         + mask                     # residual dropout after the MLP
     )
 
@@ -106,7 +136,7 @@ def head_bytes_per_token(cfg: Config) -> tuple[int, int]:
     saved = (
         8 + 8                                  # token ids and targets (int64), for embedding and loss
         + (DROPOUT_MASK_BYTES * C if cfg.dropout > 0 else 0)  # embedding dropout
-        + 4 * C + 2 * 4                        # ln_f: input and mean/rstd
+        + norm_bytes_per_token(cfg)            # ln_f
         + lm_loss_saved
         + (act * C + 4 * tipa_classes + 8 if cfg.model.tipa else 0)  # the TIPA head: unchunked
     )
@@ -143,8 +173,9 @@ def memory_breakdown(cfg: Config, micro_batch: int, checkpoint_layers: int) -> d
         # activations of the checkpointed block being recomputed, whichever is largest.
         + max(loss_working_set, block)
     )
+    muon_params = hidden_matrix_parameters(cfg.model) if cfg.optimizer == "muon" else 0
     terms = {
-        "model_state": MODEL_STATE_BYTES_PER_PARAM * params,
+        "model_state": MODEL_STATE_BYTES_PER_PARAM * (params - muon_params) + MUON_STATE_BYTES_PER_PARAM * muon_params,
         "weight_casts": WEIGHT_CAST_BYTES_PER_PARAM * linear_params if uses_autocast(cfg) else 0,
         "activations": micro_batch * cfg.model.block_size * per_token,
         "loss_chunk": chunked_loss_bytes(cfg, micro_batch),

@@ -3,6 +3,8 @@
 BASE: pre-norm LayerNorm blocks, causal self-attention, GELU MLP (4x), learned absolute positions,
 untied input and output embeddings. ROPE: rotary q/k instead of learned positions. TIPA: an auxiliary
 head predicting the reverse position (DESIGN.md) of the next token. DEEP is only a bigger config.
+MODERN (modded-nanogpt's lessons): RMSNorm without biases, QK-norm, a ReLU^2 or SwiGLU MLP, zero-initialised
+output projections, and Muon for the blocks' matrices (charlm.optim).
 
 Attention and RoPE implementations are switchable (`attn`, `rope_impl`) so the Triton kernels of
 charlm.kernels plug in without touching the model.
@@ -19,6 +21,7 @@ from charlm.config import Config, ModelConfig
 from charlm.kernels.flash_attn import attention_reference, flash_attn
 from charlm.kernels.rope import apply_rope, rope_reference
 from charlm.loss import linear_cross_entropy, uses_chunked_loss
+from charlm.optim import MuonAdamW, is_hidden_matrix
 
 
 def sdpa_attention(q, k, v):
@@ -67,14 +70,26 @@ class Options:
         return cls(cfg.dropout, cfg.rope_theta, attn, rope, max(checkpoint_layers, 0))
 
 
+def mlp_hidden(cfg: ModelConfig) -> int:
+    """The MLP's hidden width: 4C, or 8C/3 for SwiGLU, whose three matrices then hold as many weights as two."""
+    return 8 * cfg.n_embd // 3 if cfg.mlp == "swiglu" else 4 * cfg.n_embd
+
+
+def hidden_matrix_parameters(cfg: ModelConfig) -> int:
+    """The weights of the blocks' Linear layers (c_attn, c_proj, c_fc, c_proj): Muon's parameters."""
+    C, H = cfg.n_embd, mlp_hidden(cfg)
+    return cfg.n_layer * (4 * C * C + (3 if cfg.mlp == "swiglu" else 2) * H * C)
+
+
 def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
     """(all parameters, those in Linear layers) of GPT(cfg), counted without building it."""
-    C, V, L = cfg.n_embd, cfg.vocab_size, cfg.n_layer
+    C, V, L, H = cfg.n_embd, cfg.vocab_size, cfg.n_layer, mlp_hidden(cfg)
     bias = 1 if cfg.bias else 0
-    layer_norm = C + bias * C
-    block_linear = 12 * C * C + bias * (3 * C + C + 4 * C + C)  # c_attn, attn c_proj, c_fc, mlp c_proj
+    layer_norm = C + (bias * C if cfg.norm == "layernorm" else 0)  # RMSNorm: a gain only
+    fc_out = 2 * H if cfg.mlp == "swiglu" else H  # SwiGLU's c_fc makes the gate and the value
+    block_biases = bias * (3 * C + C + fc_out + C)  # c_attn, attn c_proj, c_fc, mlp c_proj
     head_linear = V * C + ((cfg.tipa_max + 1) * C if cfg.tipa else 0)  # lm_head, tipa_head: no bias
-    linear = L * block_linear + head_linear
+    linear = hidden_matrix_parameters(cfg) + L * block_biases + head_linear
     return V * C + position_parameters(cfg) + L * 2 * layer_norm + layer_norm + linear, linear
 
 
@@ -86,7 +101,8 @@ def position_parameters(cfg: ModelConfig) -> int:
 def flops_per_token(cfg: ModelConfig) -> float:
     """Training FLOPs per token: 6 (N - V C) for the matmuls of the weights (the token embedding is a
     lookup, not a matmul; the LM head is not tied to it and counts; positions are a lookup too) plus
-    6 * L * T * C for causal attention.
+    6 * L * T * C for causal attention. Every block counts alike (norms, gains and biases as weights, as
+    nanoGPT's 6N does; pointwise ops such as SwiGLU's product or QK-norm are left out, being no matmul).
 
     Attention scores and values cost 2 * 2 * T * C per token and layer forward for full attention;
     causal masking halves it, and backward is twice forward: 3 * 2 * T * C * L = 6 * L * T * C.
@@ -102,6 +118,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(opts.dropout)
+        self.qk_norm = cfg.qk_norm
         self.rope_theta = opts.rope_theta if cfg.pos_embedding == "rope" else None
         # fused: the Triton attention kernel rotates q and k as it loads them, with no RoPE pass of its own.
         self.fused_rope = opts.rope_impl == "fused" and self.rope_theta is not None
@@ -110,6 +127,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each (B, T, H, D), strided
+        if self.qk_norm:  # bounded logits: attention cannot saturate however large q and k grow
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if self.fused_rope:
             y = flash_attn(q, k, v, causal=True, rope_theta=self.rope_theta)
         else:
@@ -119,23 +138,39 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
 
 
+def relu_squared(x):
+    return F.relu(x).square()
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, opts: Options):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        hidden = mlp_hidden(cfg)
+        self.gated = cfg.mlp == "swiglu"
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden if self.gated else hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.act = relu_squared if cfg.mlp == "relu2" else F.gelu
         self.dropout = nn.Dropout(opts.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        if self.gated:
+            gate, value = self.c_fc(x).chunk(2, dim=-1)
+            return self.dropout(self.c_proj(F.silu(gate) * value))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd)
+    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, opts: Options):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg, opts)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg, opts)
 
     def forward(self, x):
@@ -153,14 +188,17 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_embedding == "learned" else None
         self.drop = nn.Dropout(opts.dropout)
         self.blocks = nn.ModuleList(Block(cfg, opts) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.tipa_head = nn.Linear(cfg.n_embd, cfg.tipa_max + 1, bias=False) if cfg.tipa else None
         self.checkpoint_layers = opts.checkpoint_layers
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                if cfg.zero_init:  # each block starts as the identity; Muon's first update is full rank
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @classmethod
     def from_config(cls, cfg: Config, device: torch.device | None = None, checkpoint_layers: int | None = None) -> "GPT":
@@ -217,19 +255,25 @@ class GPT(nn.Module):
             tipa_loss = F.cross_entropy(tipa_logits.view(-1, tipa_logits.size(-1)), tipa_targets.view(-1))
         return logits, lm_loss, tipa_loss
 
-    def configure_optimizer(self, cfg: Config) -> torch.optim.AdamW:
-        """AdamW with weight decay on matrices only (embeddings and linear weights).
+    def configure_optimizer(self, cfg: Config) -> torch.optim.AdamW | MuonAdamW:
+        """AdamW with weight decay on matrices only (embeddings and linear weights); with --optimizer muon,
+        the blocks' weight matrices go to Muon instead (charlm.optim.MuonAdamW).
 
         Fused on every device: besides being fastest, the fused step takes a `found_inf` flag, which lets
         the trainer skip a non-finite step without a host sync.
         """
-        params = [p for p in self.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        to_muon = cfg.optimizer == "muon"
+        muon = [p for n, p in named if to_muon and is_hidden_matrix(n, p)]
+        rest = [p for n, p in named if not (to_muon and is_hidden_matrix(n, p))]
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                                 fused=True)
+        if not to_muon:
+            return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
+        return MuonAdamW(muon, groups, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum,
+                         weight_decay=cfg.weight_decay, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):

@@ -34,15 +34,21 @@ from charlm.runtime import (SINGLE_PROCESS, DistContext, all_reduce_mean, autoca
 from charlm.weights import write_safetensors
 
 
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warm-up to the peak, then cosine decay to min_lr_ratio of it at lr_decay_iters (default
-    max_iters), constant after that (an --extend'ed run's tail)."""
+def lr_at(step: int, cfg: Config, peak: float | None = None) -> float:
+    """Linear warm-up to the peak (default learning_rate), then decay to min_lr_ratio of it at lr_decay_iters
+    (default max_iters), constant after that (an --extend'ed run's tail). The decay is a cosine, or with
+    lr_schedule wsd the peak held until the last decay_fraction of the steps and a linear decay over them."""
+    peak = cfg.learning_rate if peak is None else peak
     if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
+        return peak * (step + 1) / cfg.warmup_iters
     decay_end = cfg.lr_decay_iters or cfg.max_iters
+    if cfg.lr_schedule == "wsd":
+        decay_start = max(cfg.warmup_iters, decay_end - cfg.decay_fraction * decay_end)
+        done = min(1.0, max(0.0, step - decay_start) / max(1.0, decay_end - decay_start))
+        return peak * (1 - (1 - cfg.min_lr_ratio) * done)
     done = min(1.0, (step - cfg.warmup_iters) / max(1, decay_end - cfg.warmup_iters))
     ratio = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
-    return cfg.learning_rate * ratio
+    return peak * ratio
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -137,8 +143,8 @@ class Trainer:
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One optimizer step on the global batch of `step`. Returns this rank's mean losses, without a host sync."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, self.cfg)
+        for group in self.optimizer.param_groups:  # Muon's groups have a peak of their own
+            group["lr"] = lr_at(step, self.cfg, group.get("peak_lr"))
         x, y, t = self.train_loader.batch(step)
         torch.manual_seed(dropout_seed(self.cfg.seed, step, self.ctx.rank))
         accum = self.plan.accum_steps
@@ -162,7 +168,8 @@ class Trainer:
         """Clip and apply the gradients, skipping the update when they are not finite (a NaN/Inf loss).
 
         The fused AdamW reads `found_inf` on the device and leaves weights, moments and step count untouched
-        when it is set, so a bad step costs no host sync; the streak is checked at the next log row.
+        when it is set, so a bad step costs no host sync; the streak is checked at the next log row. (Muon
+        reads it on the host: charlm.optim.MuonAdamW.)
         """
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)

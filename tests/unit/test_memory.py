@@ -20,13 +20,31 @@ SMALL = dict(n_layer=2, n_head=4, n_embd=64, block_size=16, vocab_size=256, drop
 # --- the model of memory against the real GPT ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides", [{}, {"bias": False}, {"pos_embedding": "rope", "tipa": True}])
+@pytest.mark.parametrize("overrides", [{}, {"bias": False}, {"pos_embedding": "rope", "tipa": True},
+                                       {"norm": "rmsnorm"}, {"mlp": "swiglu"}, {"mlp": "relu2", "qk_norm": True}])
 def test_parameter_counts_match_the_gpt(overrides):
     cfg = resolve("base", **SMALL | overrides)
     model = GPT.from_config(cfg)
     linear = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
     assert parameter_counts(cfg.model) == (sum(p.numel() for p in model.parameters()), linear)
     assert memory_breakdown(cfg, 1, 0)["model_state"] == 16 * sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("variant", ["modern", "modern,tipa"])
+@pytest.mark.parametrize("mlp", ["relu2", "swiglu"])
+def test_muon_state_is_one_buffer_per_hidden_matrix(variant, mlp):
+    """Muon keeps a momentum buffer per matrix (4 bytes a weight), AdamW two moments (8): counted from the
+    optimizer's real state after one step."""
+    cfg = resolve(variant, **SMALL | {"mlp": mlp})
+    model = GPT.from_config(cfg)
+    optimizer = model.configure_optimizer(cfg)
+    idx = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.block_size))
+    _, lm_loss, tipa_loss = model(idx, idx, torch.zeros_like(idx))
+    (lm_loss if tipa_loss is None else lm_loss + tipa_loss).backward()  # every parameter gets a gradient
+    optimizer.step()
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
+    weights_and_grads = 8 * sum(p.numel() for p in model.parameters())
+    assert memory_breakdown(cfg, 1, 0)["model_state"] == weights_and_grads + state
 
 
 def saved_bytes(cfg, batch: int) -> int:
@@ -75,11 +93,16 @@ def cpu_minus_cuda_bytes_per_token(cfg) -> int:
     {"dtype": "bfloat16", "pos_embedding": "rope", "attn": "triton", "rope_impl": "triton"},  # (the interpreter)
     {"dtype": "bfloat16", "vocab_size": 2048},  # chunked LM loss (charlm.loss)
     {"dtype": "float32", "vocab_size": 2048, "tipa": True},
+    {"variant": "modern", "dtype": "bfloat16"},
+    {"variant": "modern", "dtype": "float32", "mlp": "swiglu"},
+    {"variant": "modern", "dtype": "bfloat16", "mlp": "gelu", "qk_norm": False, "pos_embedding": "learned"},
+    {"variant": "modern", "dtype": "bfloat16", "mlp": "swiglu", "checkpoint_layers": 1},
 ])
 def test_activation_terms_match_what_autograd_saves(overrides):
     """Every term of the per-token model, to the byte: what two batch sizes' saved tensors differ by.
     (The difference cancels what does not grow with the batch: autocast's weight casts, masks, RoPE tables.)"""
-    cfg = resolve("base", **SMALL | {"attn": "sdpa"} | overrides)
+    overrides = dict(overrides)
+    cfg = resolve(overrides.pop("variant", "base"), **SMALL | {"attn": "sdpa"} | overrides)
     per_token = (saved_bytes(cfg, 2) - saved_bytes(cfg, 1)) / cfg.model.block_size
     k = max(cfg.checkpoint_layers, 0)
     blocks = (cfg.model.n_layer - k) * block_bytes_per_token(cfg) + k * 4 * cfg.model.n_embd  # checkpointed: the fp32 input

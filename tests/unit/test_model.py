@@ -6,7 +6,7 @@ import torch
 from charlm.config import resolve
 from charlm.model import GPT, flops_per_token
 
-VARIANTS = ["base", "rope", "tipa", "deep", "deep,rope", "rope,tipa", "deep,rope,tipa"]
+VARIANTS = ["base", "rope", "tipa", "deep", "deep,rope", "rope,tipa", "deep,rope,tipa", "modern", "modern,deep,tipa"]
 
 
 def tiny(variant="base", **overrides):
@@ -43,7 +43,7 @@ def test_forward_backward_shapes(variant):
 IMPLS = [("sdpa", "torch"), ("naive", "torch"), ("sdpa", "triton"), ("triton", "triton"), ("triton", "fused")]
 
 
-@pytest.mark.parametrize("variant", ["base", "rope"])
+@pytest.mark.parametrize("variant", ["base", "rope", "modern"])  # modern: QK-norm before the (fused) RoPE
 def test_attention_and_rope_implementations_agree(variant, kernel_device):
     """Logits and gradients of every implementation choice match (Triton through its interpreter on the CPU)."""
     x, y, _ = (t.to(kernel_device) for t in batch(tiny(variant)))
