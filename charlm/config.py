@@ -62,7 +62,6 @@ class ModelConfig:
     mlp: Literal["gelu", "relu2", "swiglu"] = option("gelu", "MLP: GELU or ReLU^2 (4x wide), or SwiGLU at equal "
                                                              "parameters (three matrices, 8/3x wide)")
     qk_norm: bool = option(False, "RMS-normalise queries and keys per head before attention (no parameters)")
-    zero_init: bool = option(False, "output projections (attention and MLP c_proj) start at zero")
 
     @property
     def head_dim(self) -> int:
@@ -87,6 +86,7 @@ class Config:
     # model options that leave the parameters' shapes alone
     dropout: float = option(0.1, "residual and MLP dropout (attention-probability dropout is off)")
     rope_theta: float = option(10000.0, "RoPE base (half-split convention)")
+    zero_init: bool = option(False, "output projections (attention and MLP c_proj) start at zero")
     tipa_lambda: float = option(0.1, "weight of the TIPA cross-entropy in the training loss")
     tipa_scope: Literal["word", "window"] = option("word", "word: position in the word; window: the report's literal mapping")
     # implementation choices (auto: the fastest correct one the device offers)

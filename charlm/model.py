@@ -63,11 +63,13 @@ class Options:
     attn: str = "sdpa"  # resolved: sdpa | triton | naive
     rope_impl: str = "torch"  # resolved: torch | triton | fused
     checkpoint_layers: int = 0  # the first blocks recompute their activations in the backward pass
+    zero_init: bool = False  # output projections start at zero (only the initial weights differ)
 
     @classmethod
     def of(cls, cfg: Config, device: torch.device | None = None, checkpoint_layers: int = 0) -> "Options":
         attn, rope = pick_impls(cfg, device)
-        return cls(cfg.dropout, cfg.rope_theta, attn, rope, max(checkpoint_layers, 0))
+        return cls(dropout=cfg.dropout, rope_theta=cfg.rope_theta, attn=attn, rope_impl=rope,
+                   checkpoint_layers=max(checkpoint_layers, 0), zero_init=cfg.zero_init)
 
 
 def mlp_hidden(cfg: ModelConfig) -> int:
@@ -124,11 +126,17 @@ class CausalSelfAttention(nn.Module):
         self.fused_rope = opts.rope_impl == "fused" and self.rope_theta is not None
         self.attend, self.rotate = ATTENTION[opts.attn], ROPE.get(opts.rope_impl)
 
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each (B, T, H, D), strided
+    def qkv(self, x):
+        """q, k, v of x (B, T, C), each (B, T, H, D) (strided views when not normalised), before RoPE."""
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
         if self.qk_norm:  # bounded logits: attention cannot saturate however large q and k grow
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        return q, k, v
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x)
         if self.fused_rope:
             y = flash_attn(q, k, v, causal=True, rope_theta=self.rope_theta)
         else:
@@ -195,7 +203,7 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("c_proj.weight"):
-                if cfg.zero_init:  # each block starts as the identity; Muon's first update is full rank
+                if opts.zero_init:  # each block starts as the identity; Muon's first update is full rank
                     nn.init.zeros_(p)
                 else:
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))

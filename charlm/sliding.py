@@ -30,7 +30,7 @@ def _attend(attn, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | No
     """One attention layer over a chunk x (B, C, n_embd) with the (k, v) of the previous positions;
     returns its output and the (k, v) the next chunk needs (the last window - 1 positions, unrotated)."""
     B, C, _ = x.shape
-    q, k, v = attn.c_attn(x).view(B, C, 3, attn.n_head, attn.head_dim).unbind(2)
+    q, k, v = attn.qkv(x)
     if cache is not None:
         k, v = torch.cat([cache[0], k], 1), torch.cat([cache[1], v], 1)
     M = k.shape[1] - C  # cached positions before the chunk

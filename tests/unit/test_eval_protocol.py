@@ -14,9 +14,9 @@ from charlm.sliding import sliding_hidden
 CPU = torch.device("cpu")
 
 
-def tiny_model(n_layer: int, pos: str = "rope", T: int = 8, seed: int = 0) -> GPT:
+def tiny_model(n_layer: int, pos: str = "rope", T: int = 8, seed: int = 0, **modern) -> GPT:
     torch.manual_seed(seed)
-    cfg = ModelConfig(n_layer=n_layer, n_head=2, n_embd=16, block_size=T, vocab_size=11, pos_embedding=pos)
+    cfg = ModelConfig(n_layer=n_layer, n_head=2, n_embd=16, block_size=T, vocab_size=11, pos_embedding=pos, **modern)
     model = GPT(cfg, Options(attn="naive", rope_impl="torch")).double().eval()
     with torch.no_grad():  # larger weights than GPT's init, so that attention is far from uniform
         for p in model.parameters():
@@ -40,8 +40,10 @@ def sliding_nll(model: GPT, ids: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("chunk", [3, 8, 13])
-def test_one_layer_sliding_path_equals_stride1_windows(chunk):
-    model = tiny_model(n_layer=1)
+@pytest.mark.parametrize("block", [{}, {"norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True, "bias": False}],
+                         ids=["base", "modern"])
+def test_one_layer_sliding_path_equals_stride1_windows(chunk, block):
+    model = tiny_model(n_layer=1, **block)
     ids = torch.randint(0, 11, (40,), generator=torch.Generator().manual_seed(1))
     expected = stride1_nll(model, ids)
     torch.testing.assert_close(sliding_nll(model, ids, chunk), expected, rtol=1e-10, atol=1e-10)

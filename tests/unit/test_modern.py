@@ -20,8 +20,8 @@ def modern(variant="modern", **overrides):
 def test_modern_combines_with_deep_and_tipa():
     cfg = resolve("modern,deep,tipa")
     m = cfg.model
-    assert (m.norm, m.mlp, m.qk_norm, m.zero_init, m.bias, m.pos_embedding) == ("rmsnorm", "swiglu", True, True,
-                                                                                 False, "rope")
+    assert (m.norm, m.mlp, m.qk_norm, m.bias, m.pos_embedding) == ("rmsnorm", "swiglu", True, False, "rope")
+    assert cfg.zero_init
     assert (m.n_layer, m.block_size, m.tipa) == (32, 512, True)
     assert (cfg.optimizer, cfg.lr_schedule, cfg.dropout) == ("muon", "wsd", 0.0)
     assert resolve("base").optimizer == "adamw" and resolve("base").model.norm == "layernorm"
