@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 
 import torch
-
 from common import ATTN_CASES, DEEP_BLOCK_SIZE, DEEP_HEAD_DIM, DEEP_WIDTHS, bench_parser
 
 KERNELS = ("fwd", "dkdv", "dq")

@@ -20,7 +20,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
 from common import HISTORY, format_cell  # noqa: E402  (bench/ is a folder of scripts: python puts it on sys.path)
 
 from charlm.io import atomic_write, atomic_write_text  # noqa: E402

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from common import format_cell, text_table
 from report import markdown_report
 
-
 AT_LEAST, AT_MOST = ">=", "<="
 
 

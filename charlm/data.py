@@ -29,8 +29,15 @@ import numpy as np
 from charlm import cli
 from charlm.console import progress
 from charlm.errors import CharlmError
-from charlm.io import (atomic_dir, atomic_write, atomic_write_text, check_replaceable_dir, exclusive_lock,
-                       lock_path, remove_stale_temporaries)
+from charlm.io import (
+    atomic_dir,
+    atomic_write,
+    atomic_write_text,
+    check_replaceable_dir,
+    exclusive_lock,
+    lock_path,
+    remove_stale_temporaries,
+)
 
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_BYTES = 100_000_000

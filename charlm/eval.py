@@ -47,9 +47,25 @@ from charlm.data import DataError, category_spans, load_meta, split_tokens
 from charlm.io import atomic_write_text
 from charlm.loss import token_nll
 from charlm.model import GPT
-from charlm.protocol import (PROTOCOLS, Contexts, check_protocol, default_stride, describe_protocol,
-                             full_context_rows, scoring_windows, split_contexts)
-from charlm.runtime import SINGLE_PROCESS, DistContext, all_reduce_sum, autocast, bits_per_char, distributed, resolve_device
+from charlm.protocol import (
+    PROTOCOLS,
+    Contexts,
+    check_protocol,
+    default_stride,
+    describe_protocol,
+    full_context_rows,
+    scoring_windows,
+    split_contexts,
+)
+from charlm.runtime import (
+    SINGLE_PROCESS,
+    DistContext,
+    all_reduce_sum,
+    autocast,
+    bits_per_char,
+    distributed,
+    resolve_device,
+)
 from charlm.sliding import sliding_hidden
 
 

@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 import torch
 
 from charlm.config import Config
+from charlm.data import DataError, with_dataset
 from charlm.errors import CharlmError
 from charlm.loss import chunk_rows, uses_chunked_loss
-from charlm.model import hidden_matrix_parameters, mlp_hidden, parameter_counts
+from charlm.model import hidden_matrix_parameters, mlp_hidden, parameter_counts, with_impls
 
 GB = 2**30
 
@@ -267,6 +268,17 @@ def _does_not_fit(cfg: Config, capacity_bytes: int, world_size: int, micro_batch
     return MemoryPlanError(f"{message} Use a smaller model or context (--n-layer, --n-embd, --block-size) or a GPU "
                            f"with more memory; more GPUs do not help, since data parallelism keeps a whole model "
                            f"and at least one sequence on every GPU.")
+
+
+def plan_only(cfg: Config) -> MemoryPlan:
+    """The memory plan without building the model or touching a GPU (works on a CPU-only machine, and
+    without the dataset: its vocabulary is then taken as 256 bytes)."""
+    try:
+        cfg, _ = with_dataset(cfg)
+    except DataError:
+        cfg = cfg if cfg.model.vocab_size else cfg.replace(vocab_size=256)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
+    return plan_memory(with_impls(cfg, device), device_capacity_bytes(device, cfg.max_memory_gb))
 
 
 # --- the device --------------------------------------------------------------------------------------

@@ -55,6 +55,12 @@ def pick_impls(cfg: Config, device: torch.device | None = None) -> tuple[str, st
     return attn, "fused" if fusable else "triton" if on_cuda else "torch"
 
 
+def with_impls(cfg: Config, device: torch.device) -> Config:
+    """The config with `auto` attention and RoPE resolved for the device."""
+    attn, rope = pick_impls(cfg, device)
+    return cfg.replace(attn=attn, rope_impl=rope)
+
+
 @dataclass(frozen=True)
 class Options:
     """How the model computes, beside its shape: none of these changes a parameter."""

@@ -1,10 +1,15 @@
-"""Muon for the hidden weight matrices beside AdamW for everything else, as one optimizer for the trainer.
+"""The optimizers and their schedule: Muon for the hidden weight matrices beside AdamW for everything else
+(one optimizer for the trainer), and the learning rate at each step (lr_at).
 
 Muon (torch.optim.Muon) orthogonalises each matrix's momentum with Newton-Schulz iterations; it is defined
 for 2-D weights of hidden layers only. Embeddings, output heads, norm gains and biases stay with AdamW:
 their gradients are sparse in rows (embeddings) or not matrices of a linear map between hidden states.
 """
+import math
+
 import torch
+
+from charlm.config import Config
 
 
 class MuonAdamW:
@@ -64,3 +69,20 @@ class MuonAdamW:
 def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
     """Muon's parameters: the 2-D weights inside the transformer blocks (not embeddings, heads or gains)."""
     return param.dim() == 2 and name.startswith("blocks.")
+
+
+def lr_at(step: int, cfg: Config, peak: float | None = None) -> float:
+    """Linear warm-up to the peak (default learning_rate), then decay to min_lr_ratio of it at lr_decay_iters
+    (default max_iters), constant after that (an --extend'ed run's tail). The decay is a cosine, or with
+    lr_schedule wsd the peak held until the last decay_fraction of the steps and a linear decay over them."""
+    peak = cfg.learning_rate if peak is None else peak
+    if step < cfg.warmup_iters:
+        return peak * (step + 1) / cfg.warmup_iters
+    decay_end = cfg.lr_decay_iters or cfg.max_iters
+    if cfg.lr_schedule == "wsd":
+        decay_start = max(cfg.warmup_iters, decay_end - cfg.decay_fraction * decay_end)
+        done = min(1.0, max(0.0, step - decay_start) / max(1.0, decay_end - decay_start))
+        return peak * (1 - (1 - cfg.min_lr_ratio) * done)
+    done = min(1.0, (step - cfg.warmup_iters) / max(1, decay_end - cfg.warmup_iters))
+    ratio = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
+    return peak * ratio

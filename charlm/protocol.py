@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+
 def scoring_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int]]:
     """(start, first scored offset) per window so that targets 1 .. n_tokens - 1 are each scored once.
 

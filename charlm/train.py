@@ -17,7 +17,16 @@ import argparse
 import json
 
 from charlm import cli
-from charlm.config import ACTIONS, PRESETS, VARIANTS, Config, add_config_args, config_from_args, given_flags, read_config_file
+from charlm.config import (
+    ACTIONS,
+    PRESETS,
+    VARIANTS,
+    Config,
+    add_config_args,
+    config_from_args,
+    given_flags,
+    read_config_file,
+)
 
 
 def variants_and_presets() -> str:
@@ -86,8 +95,9 @@ def _main(argv=None) -> None:
         print(json.dumps(cfg.to_dict(), indent=2))
         return
     # Imported here: --help and argument errors should not wait for torch and triton to load.
+    from charlm.job import train
+    from charlm.memory import plan_only
     from charlm.runtime import distributed
-    from charlm.trainer import plan_only, train
 
     if cfg.plan_only:
         print(plan_only(cfg).describe())

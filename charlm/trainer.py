@@ -1,7 +1,9 @@
 """The Trainer: builds a run (model, optimizer, loaders, memory plan) and trains it step by step.
 
-    trainer = train(cfg)            # resume or start, then run to cfg.max_iters; returns the Trainer
-    Trainer(cfg, ctx).run(until=N)  # the same loop, stopping at step N (cfg.stop_at from the command line)
+    Trainer(cfg, ctx).run()         # from self.step to cfg.max_iters (or cfg.stop_at)
+    Trainer(cfg, ctx).run(until=N)  # the same loop, stopping at step N
+
+charlm.job.train is the whole job around it (the run folder locked, resume or init-from, final weights).
 
 Each logged step is one row of the run's metrics.jsonl (charlm.runlog); checkpoints follow the policy of
 charlm.checkpoint.RunCheckpoints. The command line is charlm.train.
@@ -21,34 +23,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from charlm.checkpoint import CheckpointError, RunCheckpoints, RunStopped
 from charlm.config import Config
-from charlm.data import DataError, category_spans, dataset_fingerprint, with_dataset
 from charlm.console import format_row, progress
+from charlm.data import category_spans, dataset_fingerprint, with_dataset
 from charlm.gpu import GPUMonitor, peak_bf16_flops
 from charlm.loader import BatchLoader, splitmix64
 from charlm.loggers import open_logger
-from charlm.memory import MemoryPlan, cap_process_memory, device_capacity_bytes, format_oom, plan_memory
-from charlm.model import GPT, flops_per_token, pick_impls
+from charlm.memory import cap_process_memory, device_capacity_bytes, plan_memory
+from charlm.model import GPT, flops_per_token, with_impls
+from charlm.optim import lr_at
 from charlm.runlog import append_metrics, plot_curves, truncate_metrics
-from charlm.runtime import (SINGLE_PROCESS, DistContext, all_reduce_mean, autocast, bits_per_char,
-                            resolve_device)
-from charlm.weights import write_safetensors
-
-
-def lr_at(step: int, cfg: Config, peak: float | None = None) -> float:
-    """Linear warm-up to the peak (default learning_rate), then decay to min_lr_ratio of it at lr_decay_iters
-    (default max_iters), constant after that (an --extend'ed run's tail). The decay is a cosine, or with
-    lr_schedule wsd the peak held until the last decay_fraction of the steps and a linear decay over them."""
-    peak = cfg.learning_rate if peak is None else peak
-    if step < cfg.warmup_iters:
-        return peak * (step + 1) / cfg.warmup_iters
-    decay_end = cfg.lr_decay_iters or cfg.max_iters
-    if cfg.lr_schedule == "wsd":
-        decay_start = max(cfg.warmup_iters, decay_end - cfg.decay_fraction * decay_end)
-        done = min(1.0, max(0.0, step - decay_start) / max(1.0, decay_end - decay_start))
-        return peak * (1 - (1 - cfg.min_lr_ratio) * done)
-    done = min(1.0, (step - cfg.warmup_iters) / max(1, decay_end - cfg.warmup_iters))
-    ratio = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
-    return peak * ratio
+from charlm.runtime import SINGLE_PROCESS, DistContext, all_reduce_mean, autocast, bits_per_char, resolve_device
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -61,23 +45,6 @@ def dropout_seed(seed: int, step: int, rank: int) -> int:
     """The RNG seed of one rank's dropout masks at one step: a pure function, like the batches, so that a
     resumed run (any rank of it) draws exactly the masks it would have drawn without the interruption."""
     return splitmix64(splitmix64(splitmix64(seed) ^ step) ^ rank) >> 1  # manual_seed takes < 2**63
-
-
-def with_impls(cfg: Config, device: torch.device) -> Config:
-    """The config with `auto` attention and RoPE resolved for the device."""
-    attn, rope = pick_impls(cfg, device)
-    return cfg.replace(attn=attn, rope_impl=rope)
-
-
-def plan_only(cfg: Config) -> MemoryPlan:
-    """The memory plan without building the model or touching a GPU (works on a CPU-only machine, and
-    without the dataset: its vocabulary is then taken as 256 bytes)."""
-    try:
-        cfg, _ = with_dataset(cfg)
-    except DataError:
-        cfg = cfg if cfg.model.vocab_size else cfg.replace(vocab_size=256)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
-    return plan_memory(with_impls(cfg, device), device_capacity_bytes(device, cfg.max_memory_gb))
 
 
 class Trainer:
@@ -412,40 +379,3 @@ class Trainer:
         if self.step == cfg.max_iters and not self.quiet:
             print(self._summary())
         return row
-
-
-def check_paths(cfg: Config) -> None:
-    """The run folder and --init-from checked before any expensive work."""
-    if cfg.run_dir.exists() and not cfg.run_dir.is_dir():
-        raise ValueError(f"--out-dir {cfg.run_dir}: is a file, expected a run folder")
-    if cfg.init_from and not Path(cfg.init_from).is_file():
-        raise CheckpointError(f"--init-from {cfg.init_from}: no such checkpoint file")
-
-
-def train(cfg: Config, ctx: DistContext = SINGLE_PROCESS) -> Trainer:
-    """Train a run to the end: resumed with cfg.resume, from cfg.init_from's weights, or from scratch."""
-    check_paths(cfg)
-    checkpoints = RunCheckpoints(cfg.run_dir, cfg, ctx.is_master)
-    with checkpoints.locked() if ctx.is_master else contextlib.nullcontext():
-        start = checkpoints.starting_point()
-        trainer = Trainer(cfg, ctx)
-        if start is not None:
-            trainer.resume()
-        elif cfg.init_from:
-            trainer.init_from(Path(cfg.init_from))
-        trainer.check_ranks_agree_on_step()
-        if start is not None and trainer.step >= cfg.max_iters:
-            ctx.print(f"{cfg.run_dir} is finished (step {trainer.step} of --max-iters {cfg.max_iters}): nothing to "
-                      f"train. Evaluate it with python -m charlm.eval {cfg.run_dir}, or train it further with "
-                      f"--resume --max-iters N --extend")
-            return trainer
-        if cfg.extend:
-            ctx.print(f"extending {cfg.run_dir} to step {cfg.max_iters}: the LR stays at "
-                      f"{lr_at(cfg.max_iters, cfg):.2e} after step {cfg.lr_decay_iters}")
-        try:
-            trainer.run()
-        except torch.cuda.OutOfMemoryError as e:
-            raise RunStopped(format_oom(trainer.plan, e)) from e
-        if ctx.is_master and trainer.step == cfg.max_iters:  # the final weights, not a signal's stop
-            write_safetensors(trainer.run_dir, trainer.raw_model, trainer.cfg)
-    return trainer

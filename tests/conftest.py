@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-
 from corpora import make_corpus
 
 if not torch.cuda.is_available():

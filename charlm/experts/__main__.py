@@ -32,8 +32,15 @@ def build_scheme(args: argparse.Namespace):
     """The scheme of the command line, every argument checked before any training."""
     # Imported here, as in _main: --help and argument errors should not wait for torch to load.
     from charlm.data import with_dataset
-    from charlm.experts.scheme import (Scheme, SchemeError, category_names, check_subsets, checkpoint_step,
-                                       parse_order, pretrained_checkpoint)
+    from charlm.experts.scheme import (
+        Scheme,
+        SchemeError,
+        category_names,
+        check_subsets,
+        checkpoint_step,
+        parse_order,
+        pretrained_checkpoint,
+    )
 
     cfg = config_from_args(args)
     if args.keep_checkpoints is None:  # a stage needs only its newest: to resume it and to start the next
@@ -72,8 +79,8 @@ def _main(argv: list[str]) -> None:
         return
     scheme = build_scheme(scheme_parser().parse_args(argv))
     from charlm.experts.run import run_scheme
+    from charlm.memory import plan_only
     from charlm.runtime import distributed
-    from charlm.trainer import plan_only
 
     if scheme.base.plan_only:
         print(plan_only(scheme.base).describe())

@@ -1,9 +1,9 @@
 """The scheme's report, from scheme.json: report.md (the report's table) and finetune_curves.png."""
 from pathlib import Path
 
-from charlm.protocol import protocol_notes
 from charlm.experts.state import read_state
 from charlm.io import atomic_write_text, pyplot, save_figure
+from charlm.protocol import protocol_notes
 from charlm.runlog import read_metrics
 
 HEADER = ["| Experimental condition | Steps | Global val BPC | Subset val BPC | Test BPC |",

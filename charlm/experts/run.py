@@ -8,8 +8,8 @@ from charlm.eval import evaluate
 from charlm.experts.report import write_report
 from charlm.experts.scheme import Scheme, SchemeError, Stage, final_checkpoint
 from charlm.experts.state import checkpoint_sha256, open_state, save_state
+from charlm.job import train
 from charlm.runtime import SINGLE_PROCESS, DistContext
-from charlm.trainer import train
 
 
 def run_stage(scheme: Scheme, state: dict, stage: Stage, init: Path | None, ctx: DistContext) -> Path:

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 
 from charlm import cli
-from charlm.config import Config
 from charlm.checkpoint import load_model
+from charlm.config import Config
 from charlm.export.card import TOKENIZER, model_card, read_eval, run_meta, tokenizer_table
 from charlm.export.hf import hf_model
-from charlm.weights import ExportError
 from charlm.io import atomic_dir
 from charlm.model import GPT
+from charlm.weights import ExportError
 
 
 def write_hf(out_dir: Path, model: GPT | dict, cfg: Config, tokenizer: dict, card: str) -> Path:

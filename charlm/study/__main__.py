@@ -11,6 +11,7 @@ from charlm.config import add_config_args
 from charlm.study import EXPERTS_CATEGORIES, EXPERTS_SPLIT, STUDY_OWNED
 from charlm.study.stats import describe_statistics
 
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     statistics = describe_statistics("the reference condition (base, or the first condition when base is not run)")
     parser = argparse.ArgumentParser(prog="python -m charlm.study",

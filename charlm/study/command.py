@@ -4,8 +4,16 @@ import argparse
 from charlm.config import Config, given_flags
 from charlm.runtime import distributed
 from charlm.study import RUNTIME_FIELDS, STUDY_OWNED
-from charlm.study.plan import (FLOPS_PER_TOKEN, Condition, ExpertOptions, StudyError, describe_plan,
-                               parse_conditions, plan_condition, study_dataset)
+from charlm.study.plan import (
+    FLOPS_PER_TOKEN,
+    Condition,
+    ExpertOptions,
+    StudyError,
+    describe_plan,
+    parse_conditions,
+    plan_condition,
+    study_dataset,
+)
 from charlm.study.report import write_results
 from charlm.study.run import check_study_settings, run_all
 from charlm.study.stats import reference_condition

@@ -6,9 +6,9 @@ from pathlib import Path
 from charlm.config import Config, resolve
 from charlm.data import DataError, load_meta, prepare_command, with_dataset
 from charlm.errors import CharlmError
-from charlm.study import EXPERTS_CATEGORIES, EXPERTS_SPLIT
 from charlm.experts import Scheme, category_names, check_subsets, parse_order
 from charlm.model import flops_per_token, parameter_counts, position_parameters
+from charlm.study import EXPERTS_CATEGORIES, EXPERTS_SPLIT
 
 # GPT.flops_per_token's formula, kept in study.json: a study planned with another count of FLOPs (older
 # charlm counted the token-embedding lookup) would mix step counts, so it is refused.

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import numpy as np
 
-from charlm.protocol import protocol_cell, protocol_notes
 from charlm.io import atomic_write_text, pyplot, save_figure
+from charlm.protocol import protocol_cell, protocol_notes
 from charlm.runlog import read_metrics
 from charlm.study.plan import format_count
 from charlm.study.run import run_dir

@@ -13,9 +13,9 @@ from charlm.config import Config
 from charlm.eval import evaluate
 from charlm.experts import Scheme, read_state, run_scheme
 from charlm.io import atomic_write_text
+from charlm.job import train
 from charlm.runtime import DistContext
 from charlm.study.plan import Condition, StudyError, expert_scheme
-from charlm.trainer import train
 
 SETTINGS = "study.json"
 RESULT = "result.json"

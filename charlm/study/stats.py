@@ -4,7 +4,6 @@ import statistics
 import textwrap
 from typing import NamedTuple
 
-
 CONFIDENCE = 0.95
 REFERENCE = "base"  # the condition differences are measured from, when it is run
 

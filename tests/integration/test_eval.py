@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_distributed import TORCHRUN
+from test_distributed import run as run_command
+from test_train import tiny_cfg
 
 from charlm.checkpoint import load_model
 from charlm.eval import evaluate
+from charlm.job import train
 from charlm.protocol import scoring_windows
 from charlm.sample import sample
-from charlm.trainer import train
-from test_distributed import TORCHRUN, run as run_command
-from test_train import tiny_cfg
 
 pytestmark = pytest.mark.integration
 

@@ -6,18 +6,18 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from corpora import make_topic_corpus
 
 from charlm import experts
-from charlm.experts import run as experts_run, state as experts_state
-from charlm.experts.__main__ import main
 from charlm.categorize import categorize
-from charlm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from charlm.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint
 from charlm.data import prepare
-from charlm.checkpoint import load_model
 from charlm.eval import spans_bpc, split_bpc
+from charlm.experts import run as experts_run
+from charlm.experts import state as experts_state
+from charlm.experts.__main__ import main
 from charlm.protocol import describe_protocol
 from charlm.trainer import Trainer
-from corpora import make_topic_corpus
 
 pytestmark = pytest.mark.integration
 

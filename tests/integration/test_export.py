@@ -13,9 +13,9 @@ from charlm.config import Config, resolve
 from charlm.data import encode_text, load_meta, prepare
 from charlm.export.card import TOKENIZER
 from charlm.export.command import main
-from charlm.weights import MODEL_CONFIG, WEIGHTS, ExportError, load_safetensors, write_safetensors
 from charlm.kernels import rope
 from charlm.model import GPT
+from charlm.weights import MODEL_CONFIG, WEIGHTS, ExportError, load_safetensors, write_safetensors
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.integration
@@ -266,7 +266,7 @@ def test_a_trained_and_evaluated_run_exports_both_ways(tiny_dataset, tmp_path):
 
     from charlm.checkpoint import load_model
     from charlm.eval import evaluate
-    from charlm.trainer import train
+    from charlm.job import train
 
     run = tmp_path / "run"
     trainer = train(tiny_cfg(tiny_dataset, run, "rope", max_iters=5, eval_interval=5))

@@ -10,13 +10,13 @@ import time
 import pytest
 import torch
 
-from charlm.checkpoint import latest_checkpoint, load_checkpoint
+from charlm.checkpoint import RunStopped, latest_checkpoint, load_checkpoint
 from charlm.config import resolve
 from charlm.data import prepare
 from charlm.eval import main as eval_main
-from charlm.checkpoint import RunStopped
+from charlm.job import train
 from charlm.train import main as train_main
-from charlm.trainer import Trainer, train
+from charlm.trainer import Trainer
 
 pytestmark = pytest.mark.integration
 

@@ -25,13 +25,13 @@ import time
 
 import pytest
 import torch
+from runs import train_args
 
 from charlm.checkpoint import best_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from charlm.data import prepare
 from charlm.eval import main as eval_main
 from charlm.sample import main as sample_main
 from charlm.train import main as train_main
-from runs import train_args
 
 pytestmark = pytest.mark.integration
 

@@ -5,12 +5,12 @@ import subprocess
 import sys
 
 import pytest
+from runs import train_args
 
 from charlm.config import Config
 from charlm.console import format_row
+from charlm.optim import lr_at
 from charlm.train import main as train_main
-from charlm.trainer import lr_at
-from runs import train_args
 
 pytestmark = pytest.mark.integration
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from charlm.checkpoint import load_model
+from charlm.protocol import default_stride, describe_protocol, protocol_cell, scoring_windows
 from charlm.study import plan, report, stats
 from charlm.study.__main__ import main, parse_args
 from charlm.study.command import plan_study
 from charlm.study.run import check_study_settings, run_config
-from charlm.checkpoint import load_model
-from charlm.protocol import default_stride, describe_protocol, protocol_cell, scoring_windows
 from charlm.tipa import reverse_positions
 from charlm.trainer import Trainer
 
@@ -255,9 +255,10 @@ def test_tipa_bpc_counts_next_character_loss_only(tiny_dataset, tmp_path):
 @pytest.fixture(scope="module")
 def topic_dataset(tmp_path_factory):
     """(data_root, name) of a three-topic corpus with a keywords categorisation, for experts:VARIANT."""
+    from corpora import make_topic_corpus
+
     from charlm.categorize import categorize
     from charlm.data import prepare
-    from corpora import make_topic_corpus
 
     root = tmp_path_factory.mktemp("data")
     prepare(make_topic_corpus(90, ["Science", "Sports and Recreation", "Military and Warfare"])[0],

@@ -5,10 +5,12 @@ import math
 import pytest
 import torch
 
-from charlm.config import resolve
 from charlm.checkpoint import load_model
+from charlm.config import resolve
+from charlm.job import train
+from charlm.optim import lr_at
 from charlm.train import main
-from charlm.trainer import Trainer, lr_at, train
+from charlm.trainer import Trainer
 
 pytestmark = pytest.mark.integration
 

@@ -3,8 +3,14 @@ import json
 import pytest
 import torch
 
-from charlm.checkpoint import (CheckpointError, best_checkpoint, latest_checkpoint, load_checkpoint, save_best,
-                               save_checkpoint)
+from charlm.checkpoint import (
+    CheckpointError,
+    best_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_best,
+    save_checkpoint,
+)
 
 
 def state(value: float) -> dict:

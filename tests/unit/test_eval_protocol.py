@@ -7,8 +7,15 @@ import torch.nn.functional as F
 
 from charlm.config import ModelConfig
 from charlm.eval import split_bpc
-from charlm.protocol import check_protocol, default_stride, full_context_rows, full_contexts, scoring_windows, window_contexts
 from charlm.model import GPT, Options
+from charlm.protocol import (
+    check_protocol,
+    default_stride,
+    full_context_rows,
+    full_contexts,
+    scoring_windows,
+    window_contexts,
+)
 from charlm.sliding import sliding_hidden
 
 CPU = torch.device("cpu")

@@ -8,9 +8,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from charlm.config import resolve
-from charlm.memory import (DROPOUT_MASK_BYTES, GB, MemoryPlan, MemoryPlanError, block_bytes_per_token,
-                           cap_process_memory, device_capacity_bytes, estimate_peak_bytes, format_oom,
-                           head_bytes_per_token, memory_breakdown, plan_memory, uses_autocast)
+from charlm.memory import (
+    DROPOUT_MASK_BYTES,
+    GB,
+    MemoryPlan,
+    MemoryPlanError,
+    block_bytes_per_token,
+    cap_process_memory,
+    device_capacity_bytes,
+    estimate_peak_bytes,
+    format_oom,
+    head_bytes_per_token,
+    memory_breakdown,
+    plan_memory,
+    uses_autocast,
+)
 from charlm.model import GPT, parameter_counts
 
 DEEP = resolve("deep", vocab_size=256, attn="sdpa")  # 32 layers, width 512, context 512, global batch 64

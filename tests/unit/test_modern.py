@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from charlm.config import resolve
+from charlm.job import train
 from charlm.model import GPT, flops_per_token, hidden_matrix_parameters, mlp_hidden, parameter_counts
-from charlm.optim import MuonAdamW
-from charlm.trainer import Trainer, lr_at, train
+from charlm.optim import MuonAdamW, lr_at
+from charlm.trainer import Trainer
 
 SMALL = dict(vocab_size=37, n_layer=2, n_head=4, n_embd=48, block_size=16)
 
