@@ -91,7 +91,7 @@ def history_row(impl: str, threads: int | None, timing: Timing, nanogpt_ms: floa
     """One history row; the prefetched row (work_ms set) times a call, not a throughput, so has no rates."""
     per_s = None if work_ms else 1e3 / timing.median
     text_mb_per_s = per_s and per_s * B * T * itemsize / 1e6
-    return record("loader", impl, {**case, "threads": threads, "work_ms": work_ms}, timing,
+    return record("loader", impl, case, timing, work_ms=work_ms,
                   baseline=impl == "nanogpt", gbps=text_mb_per_s and text_mb_per_s / 1e3,
                   tokens_per_s=per_s and per_s * B * T, device="cpu", threads=threads, batches_per_s=per_s,
                   text_mb_per_s=text_mb_per_s, speedup_vs_nanogpt=nanogpt_ms / timing.median, **extra)

@@ -16,13 +16,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+from common import HISTORY, format_cell  # (bench/ is a folder of scripts: python puts it on sys.path)
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from common import HISTORY, format_cell  # noqa: E402  (bench/ is a folder of scripts: python puts it on sys.path)
-
-from charlm.io import atomic_write, atomic_write_text  # noqa: E402
+from charlm.io import atomic_write_text, pyplot, save_figure
 
 REQUIRED = ("bench", "impl", "case", "device", "date")
 FIGURES = {"tokens_per_s": "tokens/s", "tflops": "TFLOP/s", "gbps": "GB/s", "ms": "ms"}  # plot preference order
@@ -67,9 +63,14 @@ def case_label(case: dict) -> str:
     return " ".join(f"{key}={value}" for key, value in case.items())
 
 
+# Settings of an implementation, beside its name, that make rows of one case different measurements.
+IMPL_SETTINGS = ("threads", "work_ms")
+
+
 def _series(row: dict) -> tuple:
     """What a row measures: rows with the same series are repeated measurements of one thing."""
-    return row["device"], row["bench"], json.dumps(row["case"], sort_keys=True), row["impl"]
+    settings = tuple(row.get(key) for key in IMPL_SETTINGS)
+    return row["device"], row["bench"], json.dumps(row["case"], sort_keys=True), row["impl"], settings
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
@@ -105,9 +106,14 @@ def speedup(row: dict, baselines: dict[tuple, list[dict]]) -> float | None:
     return base["ms"] / row["ms"]
 
 
+def impl_label(row: dict) -> str:
+    """The implementation with its settings: "c++ threads=4"."""
+    return " ".join([row["impl"], *(f"{key}={row[key]}" for key in IMPL_SETTINGS if row.get(key) is not None)])
+
+
 def _table_row(row: dict, baselines: dict[tuple, list[dict]]) -> list[str]:
     ratio = speedup(row, baselines)
-    return [row["bench"], case_label(row["case"]), row["impl"], "yes" if row.get("baseline") else "",
+    return [row["bench"], case_label(row["case"]), impl_label(row), "yes" if row.get("baseline") else "",
             *(format_cell(row.get(key)) for key in ("ms", "tflops", "gbps", "tokens_per_s", "peak_mem_gb")),
             "-" if ratio is None else f"{ratio:.2f}x", (row.get("commit") or "?")[:12], row["date"]]
 
@@ -134,28 +140,30 @@ def main_figure(rows: list[dict]) -> str | None:
 
 
 def plot_bench(bench_rows: list[dict], figure: str, path: Path) -> None:
-    """A figure of a bench over commits (x: commits in date order), one line per device, case and impl."""
+    """A figure of a bench over commits (x: commits in date order), one line per device, case and impl; the
+    legend beside the axes, a log scale when the figures span more than a decade."""
     ordered = sorted(bench_rows, key=when)
     commits = list(dict.fromkeys(row.get("commit") for row in ordered))  # in order of first measurement
     series = defaultdict(dict)  # (device, case, impl) -> {commit index: value}; later rows overwrite
     for row in ordered:
         if row.get(figure) is not None:
-            label = (row["device"], case_label(row["case"]), row["impl"])
+            label = (row["device"], case_label(row["case"]), impl_label(row))
             series[label][commits.index(row.get("commit"))] = row[figure]
     several_devices = len({device for device, _, _ in series}) > 1
-    fig, ax = plt.subplots(figsize=(10, 5))
+    fig, ax = pyplot().subplots(figsize=(8, 4.5))
     for (device, case, impl), points in sorted(series.items()):
         xs = sorted(points)
         label = f"{impl} {case}" + (f" ({device})" if several_devices else "")
         ax.plot(xs, [points[x] for x in xs], marker="o", label=label)
+    values = [v for points in series.values() for v in points.values() if v > 0]
+    if values and max(values) > 10 * min(values):
+        ax.set_yscale("log")
     ax.set_xticks(range(len(commits)), [(c or "?")[:7] for c in commits], rotation=45)
     ax.set_xlabel("commit")
     ax.set_ylabel(FIGURES[figure])
     ax.set_title(f"{bench_rows[0]['bench']}: {FIGURES[figure]}")
-    ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    save_figure(fig, path, dpi=100)  # bbox "tight": the legend and title widen the image, not squeeze the axes
 
 
 def write_report(rows: list[dict], out_dir: Path) -> None:

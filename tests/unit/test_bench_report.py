@@ -87,3 +87,23 @@ def test_main_prints_and_writes_plots(history, tmp_path, capsys):
 def test_main_figure_prefers_throughput():
     assert report.main_figure([{"ms": 1.0, "tokens_per_s": None, "tflops": 3.0}]) == "tflops"
     assert report.main_figure([{"ms": 1.0}]) == "ms"
+
+
+def test_loader_speedups_pair_every_thread_count_with_the_same_run_baseline(tmp_path, monkeypatch):
+    """The loader's rows differ in threads, not in case: each is compared with nanoGPT's row of the run, and
+    each keeps its own line; figures spanning decades are drawn on a log scale, the legend beside the axes."""
+    case = {"B": 64, "T": 512, "tipa": True}
+    when = {"device": "cpu", "commit": "cccccccccccc", "date": "2025-03-01T10:00:00+00:00"}
+    rows = [common.record("loader", "nanogpt", case, 4.0, baseline=True, tokens_per_s=8e6) | when,
+            common.record("loader", "c++", case, 0.1, tokens_per_s=3e8, threads=1) | when,
+            common.record("loader", "c++", case, 0.05, tokens_per_s=6e8, threads=2) | when]
+    markdown = report.markdown_report(rows)
+    assert "| c++ threads=1 |" in markdown and "| 40.00x |" in markdown
+    assert "| c++ threads=2 |" in markdown and "| 80.00x |" in markdown
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path, dpi: figures.append(fig))
+    report.plot_bench(rows, "tokens_per_s", tmp_path / "loader.png")
+    ax = figures[0].axes[0]
+    assert ax.get_yscale() == "log" and len(ax.get_lines()) == 3
+    legend = ax.get_legend()
+    assert legend.get_bbox_to_anchor().transformed(ax.transAxes.inverted()).x0 > 1  # outside the axes
