@@ -67,16 +67,20 @@ def test_crash_leaves_no_half_written_dataset(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def zipped(archive, member: str, content: bytes):
+    """archive, a zip holding `content` as its one file `member`, as the benchmarks are distributed."""
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(member, content)
+    return archive
+
+
 @pytest.fixture
 def fake_enwik8(monkeypatch, tmp_path):
     """A small stand-in for enwik8: the module's expected size and checksum are pointed at it."""
     content = make_corpus(4000)
     monkeypatch.setattr(data, "ENWIK8_BYTES", len(content))
     monkeypatch.setattr(data, "ENWIK8_SHA256", hashlib.sha256(content).hexdigest())
-    archive = tmp_path / "enwik8.zip"
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("enwik8", content)
-    return content, archive
+    return content, zipped(tmp_path / "enwik8.zip", "enwik8", content)
 
 
 def test_enwik8_from_zip_then_noop(fake_enwik8, tmp_path, capsys):
@@ -118,10 +122,7 @@ def fake_text8(monkeypatch, tmp_path):
     words = np.random.default_rng(0).choice(list(b"abcdefghijklmnopqrstuvwxyz "), 6000).astype(np.uint8)
     content = b" anarchism originated " + bytes(words) + b" abcdefghijklmnopqrstuvwxyz"
     monkeypatch.setattr(data, "TEXT8_BYTES", len(content))
-    archive = tmp_path / "text8.zip"
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("text8", content)
-    return content, archive
+    return content, zipped(tmp_path / "text8.zip", "text8", content)
 
 
 def test_text8_has_27_symbols_one_token_per_character(fake_text8, tmp_path, capsys):
