@@ -17,7 +17,7 @@ COMMANDS = {
     "categorize": ("charlm.categorize.__main__", "cut a dataset into the report's 16 topic subsets"),
     "experts": ("charlm.experts.__main__", "the expert scheme: pre-train, fine-tune per topic, post-train"),
     "study": ("charlm.study.__main__", "conditions at equal compute, several seeds, with intervals"),
-    "export": ("charlm.export", "write a run's model for sharing (Hugging Face transformers)"),
+    "export": ("charlm.export.command", "write a run's model for sharing (Hugging Face transformers)"),
 }
 
 

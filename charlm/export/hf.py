@@ -8,7 +8,7 @@ import itertools
 import torch
 
 from charlm.config import Config, ModelConfig
-from charlm.weights import cpu_state_dict
+from charlm.weights import ExportError, cpu_state_dict
 
 LAYER_NORM_EPS = 1e-5  # torch's nn.LayerNorm default, which charlm uses
 
@@ -92,8 +92,19 @@ def hf_weights(weights: dict[str, torch.Tensor], m: ModelConfig, table: list, dr
     return out
 
 
+def check_exportable(m: ModelConfig) -> None:
+    """GPT-2 and GPT-NeoX have LayerNorm, a GELU MLP and no QK-norm: other blocks (--variant modern) have no
+    transformers architecture that computes the same logits, so they are refused, not exported wrong."""
+    other = [f"{name} {value}" for name, value, theirs in (("norm", m.norm, "layernorm"), ("mlp", m.mlp, "gelu"),
+                                                           ("qk_norm", m.qk_norm, False)) if value != theirs]
+    if other:
+        raise ExportError(f"--to hf: GPT-2 and GPT-NeoX cannot compute this model's logits ({', '.join(other)}; "
+                          f"they need norm layernorm, mlp gelu, no qk_norm); share its model.safetensors instead")
+
+
 def hf_model(weights: dict[str, torch.Tensor], cfg: Config) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json, weights) of the transformers model that computes what charlm's does."""
+    check_exportable(cfg.model)
     weights = cpu_state_dict(weights)
     if cfg.model.pos_embedding == "learned":
         return gpt2_config(cfg), hf_weights(weights, cfg.model, GPT2_TABLE)

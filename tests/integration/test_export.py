@@ -4,6 +4,8 @@ Runs are checkpoints of models with random weights drawn large enough that every
 (a transposed, misordered or dropped weight is then far outside the tolerance).
 """
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -259,6 +261,24 @@ def test_a_checkpoint_whose_tipa_head_does_not_fit_its_config_is_refused(tiny_da
     text = refuses([str(run), str(tmp_path / "hf")], "its weights do not fit its config")
     assert "tipa_head.weight" in text
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("variant, named", [("modern", "norm rmsnorm, mlp swiglu, qk_norm True"),
+                                            ("rope", "qk_norm True")])
+def test_a_block_transformers_cannot_compute_is_refused(tiny_dataset, tmp_path, variant, named):
+    run = tmp_path / "run"
+    make_run(run, tiny_dataset, variant, **({"qk_norm": True} if variant == "rope" else {}))
+    refuses([str(run), "--to", "hf", str(tmp_path / "hf")], f"cannot compute this model's logits ({named};")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_the_charlm_command_runs_the_export(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    make_run(run, tiny_dataset, "rope")
+    done = subprocess.run([sys.executable, "-m", "charlm", "export", str(run), "--to", "hf", str(tmp_path / "hf")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert HF_FILES <= {p.name for p in (tmp_path / "hf").iterdir()}
 
 
 def test_a_trained_and_evaluated_run_exports_both_ways(tiny_dataset, tmp_path):

@@ -165,3 +165,9 @@ def test_the_commands_with_training_flags_answer_help_without_loading_torch(modu
             "assert 'usage' in out.getvalue(), out.getvalue()\nprint('torch loaded:', 'torch' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "torch loaded: False" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("command", ["data", "train", "eval", "sample", "categorize", "experts", "study", "export"])
+def test_every_charlm_command_answers_help(command):
+    done = charlm(command, "--help")
+    assert done.returncode == 0 and done.stdout.startswith("usage: "), done.stderr
