@@ -411,11 +411,13 @@ def _main(argv) -> None:
         p.add_argument("--data-root", type=Path, default=Path("data"))
     args = parser.parse_args(argv)
     if args.command == "enwik8":
-        prepare_enwik8(args.data_root, args.tokenization, args.from_file, args.url, args.name)
+        out = prepare_enwik8(args.data_root, args.tokenization, args.from_file, args.url, args.name)
     elif args.command == "text8":
-        prepare_text8(args.data_root, args.from_file, args.url, args.name)
+        out = prepare_text8(args.data_root, args.from_file, args.url, args.name)
     else:
-        prepare_text(args.path, args.name, args.data_root, args.tokenization)
+        out = prepare_text(args.path, args.name, args.data_root, args.tokenization)
+    root = "" if out.parent == Path("data") else f" --data-root {out.parent}"
+    print(f"next: python -m charlm.train --dataset {out.name}{root} --variant base")
 
 
 if __name__ == "__main__":
