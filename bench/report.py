@@ -39,6 +39,8 @@ def read_history(path: Path) -> list[dict]:
                 raise ValueError(f"missing {', '.join(missing)}")
             if not isinstance(row["case"], dict):
                 raise ValueError("case is not an object")
+            # Rows written before implementation settings left the case: move them out, so they pair.
+            row |= {key: row["case"].pop(key) for key in IMPL_SETTINGS if key in row["case"]}
             when(row)
         except (ValueError, TypeError) as e:
             print(f"warning: {path}:{number}: skipped a malformed row ({e})", file=sys.stderr)
@@ -99,7 +101,9 @@ def baselines_by_run(rows: list[dict]) -> dict[tuple, list[dict]]:
 def speedup(row: dict, baselines: dict[tuple, list[dict]]) -> float | None:
     """baseline ms / ms, against the baseline of row's run nearest in date; None for a baseline row or
     where there is nothing to compare."""
-    same_run = [] if row.get("baseline") else baselines.get(_run(row), [])
+    if row.get("baseline") or row.get("work_ms"):  # a prefetched call's wait is not a batch's time
+        return None
+    same_run = baselines.get(_run(row), [])
     base = min(same_run, key=lambda r: abs(when(r) - when(row)), default=None)
     if base is None or not base.get("ms") or not row.get("ms"):
         return None

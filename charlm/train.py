@@ -102,9 +102,9 @@ def _main(argv=None) -> None:
     if cfg.plan_only:
         print(plan_only(cfg).describe())
         return
-    if cfg.resume and not cfg.run_dir.exists():
-        print(f"--resume: {cfg.run_dir} holds no run yet; starting it at step 0")
     with distributed(cfg.device) as ctx:
+        if cfg.resume and not cfg.run_dir.exists():
+            ctx.print(f"--resume: {cfg.run_dir} holds no run yet; starting it at step 0")
         train(cfg, ctx)
 
 

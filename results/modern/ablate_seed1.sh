@@ -5,7 +5,7 @@ OUT=${1:-/tmp/studies/ablate-s1}
 run() {  # NAME FLAGS...
     local name=$1; shift
     python -m charlm.study --dataset gcide10m --data-root /tmp/data --conditions modern --budget 7.5e11 \
-        --seeds 2 --only modern:1 --preset tiny --device cpu --out-dir "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
+        --seeds 2 --only modern:1 --preset tiny --device cpu --mlp relu2 --out-dir "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
 }
 mkdir -p "$OUT"
 run ref

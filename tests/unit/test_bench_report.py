@@ -97,9 +97,16 @@ def test_loader_speedups_pair_every_thread_count_with_the_same_run_baseline(tmp_
     rows = [common.record("loader", "nanogpt", case, 4.0, baseline=True, tokens_per_s=8e6) | when,
             common.record("loader", "c++", case, 0.1, tokens_per_s=3e8, threads=1) | when,
             common.record("loader", "c++", case, 0.05, tokens_per_s=6e8, threads=2) | when]
-    markdown = report.markdown_report(rows)
+    prefetched = common.record("loader", "c++ prefetched", case, 0.01, threads=2, work_ms=20.0) | when
+    older = common.record("loader", "c++", {**case, "threads": 4, "work_ms": None}, 0.08) | when  # settings in case
+    path = tmp_path / "history.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*rows, prefetched, older]))
+    markdown = report.markdown_report(report.read_history(path))
     assert "| c++ threads=1 |" in markdown and "| 40.00x |" in markdown
     assert "| c++ threads=2 |" in markdown and "| 80.00x |" in markdown
+    assert "| c++ threads=4 |" in markdown and "| 50.00x |" in markdown  # an older row pairs too
+    prefetched_line = next(line for line in markdown.splitlines() if "c++ prefetched" in line)
+    assert "x |" not in prefetched_line  # a call's wait while prefetching is no batch time: no speed-up
     figures = []
     monkeypatch.setattr(report, "save_figure", lambda fig, path, dpi: figures.append(fig))
     report.plot_bench(rows, "tokens_per_s", tmp_path / "loader.png")

@@ -149,11 +149,12 @@ def test_a_nonfinite_step_moves_neither_optimizer(tiny_dataset, tmp_path):
 
 def test_resume_under_muon_continues_exactly(tiny_dataset, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(trainer_cfg(tiny_dataset, straight, max_iters=10))
-    Trainer(trainer_cfg(tiny_dataset, resumed, max_iters=10), quiet=True).run(until=5)
-    trainer = train(trainer_cfg(tiny_dataset, resumed, max_iters=10, resume=True))
-    assert trainer.step == 10
-    a, b = torch.load(straight / "ckpt_00000010.pt"), torch.load(resumed / "ckpt_00000010.pt")
+    schedule = dict(max_iters=12, warmup_iters=2)  # warm-up, stable and decay all on both sides of the resume
+    train(trainer_cfg(tiny_dataset, straight, **schedule))
+    Trainer(trainer_cfg(tiny_dataset, resumed, **schedule), quiet=True).run(until=6)
+    trainer = train(trainer_cfg(tiny_dataset, resumed, resume=True, **schedule))
+    assert trainer.step == 12
+    a, b = torch.load(straight / "ckpt_00000012.pt"), torch.load(resumed / "ckpt_00000012.pt")
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     assert set(a["optimizer"]) == {"muon", "adamw"}
