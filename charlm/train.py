@@ -67,6 +67,10 @@ def parse_config(argv=None) -> tuple[Config, bool]:
     return cfg, args.print_config
 
 
+# Fields that place the LR schedule's turns: changed on a resume, the LR would jump. (--max-iters has --extend.)
+SCHEDULE_SHAPE = ("warmup_iters", "lr_schedule", "decay_fraction", "min_lr_ratio", "lr_decay_iters")
+
+
 def resumed_config(saved: Config, given: dict) -> Config:
     """A resumed run keeps its saved config; only the flags given now override it. A changed --max-iters
     needs --extend, which holds the LR at its final value past the original end."""
@@ -74,6 +78,11 @@ def resumed_config(saved: Config, given: dict) -> Config:
                if f in given and set(given[f].split(",")) != set(getattr(saved, f).split(","))]
     if changed:  # their fields were resolved when the run began; a new name alone would mislabel it
         raise ValueError(f"a resumed run keeps its variant and preset: drop {', '.join(changed)}")
+    reshaped = [f"--{f.replace('_', '-')} {given[f]} (the run has {getattr(saved, f)!r})" for f in SCHEDULE_SHAPE
+                if f in given and given[f] != getattr(saved, f)]
+    if reshaped:  # the LR would jump at the resume: a different run, not a continued one
+        raise ValueError(f"a resumed run keeps the shape of its LR schedule: drop {', '.join(reshaped)}, or start "
+                         f"a new run (--init-from a checkpoint of this one)")
     new_iters = given.get("max_iters", saved.max_iters)
     if given.get("extend"):
         if new_iters <= saved.max_iters:

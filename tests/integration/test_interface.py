@@ -171,3 +171,13 @@ def test_the_commands_with_training_flags_answer_help_without_loading_torch(modu
 def test_every_charlm_command_answers_help(command):
     done = charlm(command, "--help")
     assert done.returncode == 0 and done.stdout.startswith("usage: "), done.stderr
+
+
+@pytest.mark.parametrize("flag, value", [("--warmup-iters", "1"), ("--lr-schedule", "wsd"), ("--min-lr-ratio", "0.5")])
+def test_a_resume_refuses_to_reshape_its_lr_schedule(tiny_dataset, tmp_path, flag, value):
+    run = tmp_path / "run"
+    train_main(run_args(tiny_dataset, run, "--stop-at", "3"))
+    with pytest.raises(SystemExit, match=f"keeps the shape of its LR schedule: drop {flag} {value}"):
+        train_main(run_args(tiny_dataset, run, "--resume", flag, value))
+    train_main(run_args(tiny_dataset, run, "--resume"))  # unchanged, it continues
+    assert [r["step"] for r in rows(run)] == [1, 2, 3, 4, 5, 6]
