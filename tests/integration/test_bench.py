@@ -8,7 +8,6 @@ import pytest
 
 BENCH = Path(__file__).parents[2] / "bench"
 sys.path.insert(0, str(BENCH))  # bench/ is a folder of scripts
-import precompile  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -107,10 +106,7 @@ def test_memory_bench_records_the_plan_per_case_on_the_cpu(tmp_path):
     assert "predicted_tensors_gb" in out
 
 
-def test_precompile_compiles_one_config_per_kernel_for_hopper():
-    reason = precompile.offline_compile_unavailable()
-    if reason:
-        pytest.skip(f"cannot compile for CUDA targets offline: {reason}")
+def test_precompile_compiles_one_config_per_kernel_for_hopper(offline_cuda_compiler):
     out = run_bench(BENCH / "precompile.py", "--dry-run")
     lines = [line.split() for line in out.splitlines() if "for sm_90a:" in line]
     assert [line[0] for line in lines] == ["fwd", "dkdv", "dq"]

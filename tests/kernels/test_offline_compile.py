@@ -27,11 +27,8 @@ def _compile_for(job_and_target: tuple) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reports() -> dict:
+def reports(offline_cuda_compiler) -> dict:
     """(target, job) -> ptxas's figures, for every config kept for each target's card."""
-    reason = precompile.offline_compile_unavailable()
-    if reason:
-        pytest.skip(f"cannot compile for CUDA targets offline: {reason}")
     work = [(job, target) for target, (major, smem) in precompile.TARGETS.items()
             for job in precompile.jobs_for(SHAPES, major, smem)]
     results = precompile.run_parallel(_compile_for, work, len(os.sched_getaffinity(0)))
