@@ -60,6 +60,14 @@ def git_commit() -> str | None:
         return None
 
 
+def card_gb(text: str) -> float:
+    """--max-memory-gb's type: GB of an emulated card, >= 0 (0: the whole card)."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: the whole card), got {text}")
+    return value
+
+
 def bench_parser(description: str, history: bool = True) -> argparse.ArgumentParser:
     """The flags every benchmark takes: --dry-run, and (with history) where its rows go."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -32,7 +32,7 @@ import torch
 if not torch.cuda.is_available():  # the kernels' PyTorch references, as bench/train.py; read at their import
     os.environ["TRITON_INTERPRET"] = "0"
 
-from common import DEEP_HEAD_DIM, DEEP_WIDTHS, History, Timing, bench_parser, print_table, record  # noqa: E402
+from common import DEEP_HEAD_DIM, DEEP_WIDTHS, History, Timing, bench_parser, card_gb, print_table, record  # noqa: E402
 from train import make_trainer, model_case, synthetic_dataset  # noqa: E402
 
 from charlm.memory import GB  # noqa: E402
@@ -51,8 +51,7 @@ def cases(dry_run: bool) -> list[str]:
 def predicted(plan) -> dict:
     """The plan's figures in GB: tensors, fragmentation, context and peak."""
     terms = plan.breakdown
-    tensors = sum(size for name, size in terms.items() if name not in ("fragmentation", "cuda_context"))
-    return {"predicted_tensors_gb": tensors / GB, "predicted_fragmentation_gb": terms["fragmentation"] / GB,
+    return {"predicted_tensors_gb": plan.tensor_bytes / GB, "predicted_fragmentation_gb": terms["fragmentation"] / GB,
             "predicted_context_gb": terms["cuda_context"] / GB, "predicted_peak_gb": plan.predicted_peak_bytes / GB}
 
 
@@ -121,12 +120,10 @@ def run_each_in_its_process(names: list[str], argv: list[str]) -> list[str]:
 
 def main() -> None:
     parser = bench_parser(__doc__)
-    parser.add_argument("--max-memory-gb", type=float, default=40.0,
+    parser.add_argument("--max-memory-gb", type=card_gb, default=40.0,
                         help="plan for and emulate a card of this many GB; 0: the whole card (default: 40)")
     parser.add_argument("--case", choices=cases(False), help="measure this case alone, in this process")
     args = parser.parse_args()
-    if args.max_memory_gb < 0:
-        parser.error(f"--max-memory-gb must be >= 0, got {args.max_memory_gb:g}")
     if not torch.cuda.is_available() and not args.dry_run:
         print("bench/memory.py: no CUDA GPU; --dry-run plans a tiny DEEP on the CPU (a smoke test)")
         return

@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the install stage sets up.
 sys.path.append(str(ROOT))
 
-from common import HISTORY, device_name  # noqa: E402
+from common import HISTORY, card_gb, device_name  # noqa: E402
 from report import read_history  # noqa: E402
 from summary import STAGE_HEADER, claims, markdown_table, report_markdown, screen  # noqa: E402
 
@@ -276,7 +276,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run (default: 480)")
     parser.add_argument("--out", type=Path, help=f"output folder (default: {HISTORY.parent.relative_to(ROOT)}/)")
     parser.add_argument("--full", action="store_true", help="also FlexAttention and naive attention (minutes)")
-    parser.add_argument("--max-memory-gb", type=float, default=40.0,
+    parser.add_argument("--max-memory-gb", type=card_gb, default=40.0,
                         help="emulate a card of this many GB in train and memory; 0: the whole card (default: 40)")
     parser.add_argument("--dry-run", action="store_true", help="every stage on the CPU with tiny shapes")
     args = parser.parse_args(argv)
@@ -284,8 +284,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--dry-run needs --out DIR: its rows are no measurements and stay out of bench/results/")
     if args.budget <= REPORT_SECONDS:
         parser.error(f"--budget must be more than the {REPORT_SECONDS} s kept for the report, got {args.budget:g}")
-    if args.max_memory_gb < 0:
-        parser.error(f"--max-memory-gb must be >= 0, got {args.max_memory_gb:g}")
     args.out = args.out or HISTORY.parent
     return args
 

@@ -36,7 +36,7 @@ import torch
 if not torch.cuda.is_available():  # the kernels' PyTorch references (see the docstring); read at their import
     os.environ["TRITON_INTERPRET"] = "0"
 
-from common import History, Timing, bench_parser, print_table, record  # noqa: E402
+from common import History, Timing, bench_parser, card_gb, print_table, record  # noqa: E402
 
 from charlm.config import COMPILE_MODES, resolve  # noqa: E402
 from charlm.data import prepare  # noqa: E402
@@ -169,7 +169,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, autotuning)")
     parser.add_argument("--cases", default=",".join(c[0] for c in CASES), help="comma-separated case names")
     parser.add_argument("--batch-size", type=int, default=64, help="global batch in sequences")
-    parser.add_argument("--max-memory-gb", type=float, default=0.0,
+    parser.add_argument("--max-memory-gb", type=card_gb, default=0.0,
                         help="emulate a card of this many GB (what is outside the allocator counts against it)")
     parser.add_argument("--data", type=Path, help="a prepared dataset folder (default: a synthetic one)")
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
@@ -178,8 +178,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.cases.split(",")) - {c[0] for c in CASES}
     if unknown:
         parser.error(f"--cases: unknown {', '.join(sorted(unknown))}; choose from {', '.join(c[0] for c in CASES)}")
-    if args.max_memory_gb < 0:
-        parser.error(f"--max-memory-gb must be >= 0, got {args.max_memory_gb:g}")
     if args.dry_run:
         vars(args).update(DRY_RUN)
     return args

@@ -253,7 +253,7 @@ def load_compatible(path: Path, model: ModelConfig, map_location="cpu") -> dict:
 
 
 def all_finite(module: torch.nn.Module) -> bool:
-    return all(torch.isfinite(p).all() for p in module.parameters())
+    return bool(torch.stack([torch.isfinite(p).all() for p in module.parameters()]).all())  # one host sync
 
 
 class RunCheckpoints:
@@ -324,14 +324,9 @@ class RunCheckpoints:
         for path in [*files, self.run_dir / MANIFEST, self.run_dir / METRICS]:
             path.unlink(missing_ok=True)
 
-    def load_latest(self, device: torch.device) -> tuple[Path, dict] | None:
-        """The newest intact checkpoint of the run folder and its state, or None when it has none."""
-        path = self.latest()
-        return None if path is None else (path, load_compatible(path, self.cfg.model, device))
-
-    def load_compatible(self, path: Path, device: torch.device) -> dict:
-        """The weights of checkpoint `path` (--init-from), checked like a resumed checkpoint."""
-        return load_compatible(Path(path), self.cfg.model, device)["model"]
+    def load(self, path: Path, device: torch.device) -> dict:
+        """The state of checkpoint `path` (the one resumed from, or --init-from's), checked to fit the run."""
+        return load_compatible(Path(path), self.cfg.model, device)
 
 
 def load_model(run_dir: Path, device: torch.device, checkpoint: Path | None = None) -> tuple[GPT, Config, int]:

@@ -33,7 +33,7 @@ def train(cfg: Config, ctx: DistContext = SINGLE_PROCESS) -> Trainer:
         start = checkpoints.starting_point()
         trainer = Trainer(cfg, ctx)
         if start is not None:
-            trainer.resume()
+            trainer.resume(start)
         elif cfg.init_from:
             trainer.init_from(Path(cfg.init_from))
         trainer.check_ranks_agree_on_step()

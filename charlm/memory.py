@@ -205,6 +205,12 @@ class MemoryPlan:
     n_layer: int
     breakdown: dict[str, int] = field(default_factory=dict)  # predicted bytes by term (memory_breakdown)
 
+    @property
+    def tensor_bytes(self) -> int:
+        """The predicted live tensors: the peak less the allocator's slack and the CUDA context, the figure
+        torch.cuda.max_memory_allocated measures."""
+        return sum(v for k, v in self.breakdown.items() if k not in ("cuda_context", "fragmentation"))
+
     def describe(self) -> str:
         global_batch = self.micro_batch_size * self.accum_steps * self.world_size
         steps = "step" if self.accum_steps == 1 else "steps"

@@ -4,7 +4,6 @@ Rows are appended as training goes; a resumed run first drops the rows after the
 so the log never repeats the steps that are redone.
 """
 import json
-import math
 from pathlib import Path
 
 from charlm.io import atomic_write_text, pyplot, save_figure
@@ -12,14 +11,14 @@ from charlm.io import atomic_write_text, pyplot, save_figure
 METRICS = "metrics.jsonl"
 
 
-def _row_step(line: str) -> float:
-    """The step of a metrics line; a line torn by a crash mid-write (or not charlm's) counts as after every
-    checkpoint, so truncation drops it."""
+def _parse_row(line: str) -> dict | None:
+    """A metrics line's row, or None for a line torn by a crash mid-write or not charlm's (no integer step)."""
     try:
-        step = json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError, IndexError):
-        return math.inf
-    return step if isinstance(step, int) and not isinstance(step, bool) else math.inf
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    return row if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -27,15 +26,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-    return rows
+    return [row for line in path.read_text().splitlines() if (row := _parse_row(line)) is not None]
 
 
 def append_metrics(run_dir: Path, row: dict) -> None:
@@ -48,7 +39,8 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     the first checkpoint): those steps are redone, and the log must not repeat them."""
     path = Path(run_dir) / METRICS
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if _row_step(line) <= step]
+        # A torn or foreign line is dropped too: it counts as after every checkpoint.
+        kept = [line for line in path.read_text().splitlines() if (row := _parse_row(line)) and row["step"] <= step]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 

@@ -173,14 +173,11 @@ class Trainer:
 
     def init_from(self, path: Path) -> None:
         """Start from the weights of checkpoint `path` (fine-tuning); optimizer, schedule and step start fresh."""
-        self.raw_model.load_state_dict(self.checkpoints.load_compatible(path, self.device))
+        self.raw_model.load_state_dict(self.checkpoints.load(path, self.device)["model"])
 
-    def resume(self) -> bool:
-        """Load the run folder's newest intact checkpoint; False if there is none."""
-        found = self.checkpoints.load_latest(self.device)
-        if found is None:
-            return False
-        path, state = found
+    def resume(self, path: Path) -> None:
+        """Continue from checkpoint `path` (the run folder's newest intact one): weights, optimizer, step."""
+        state = self.checkpoints.load(path, self.device)
         self.raw_model.load_state_dict(state["model"])
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -191,7 +188,6 @@ class Trainer:
         self._check_same_dataset(path, state)
         if not self.quiet:
             print(f"resumed {self.run_dir} at step {self.step} from {path.name}")
-        return True
 
     def _check_same_dataset(self, path: Path, state: dict) -> None:
         """A run resumes only on the data it was trained on: a dataset prepared again from other content
@@ -255,10 +251,9 @@ class Trainer:
 
     def _describe_peak(self, measured_gb: float) -> str:
         """The measured peak of tensors beside the plan's prediction of it (less context and slack)."""
-        tensors = sum(v for k, v in self.plan.breakdown.items() if k not in ("cuda_context", "fragmentation"))
         return (f"peak memory after step {self.step}: {measured_gb:.2f} GB of tensors measured "
-                f"(torch.cuda.max_memory_allocated), {tensors / 2**30:.2f} GB predicted; the plan's "
-                f"{self.plan.predicted_peak_bytes / 2**30:.1f} GB adds the CUDA context and fragmentation")
+                f"(torch.cuda.max_memory_allocated), {self.plan.tensor_bytes / 2**30:.2f} GB predicted; "
+                f"the plan's {self.plan.predicted_peak_bytes / 2**30:.1f} GB adds the CUDA context and fragmentation")
 
     def _start(self) -> None:
         if self.ctx.is_master:
@@ -284,8 +279,8 @@ class Trainer:
             row["tipa_loss"] = all_reduce_mean(tipa_loss, self.ctx)
         if self.resumed_from is not None:
             row["resumed_from"], self.resumed_from = self.resumed_from, None
-        if self.skipped_steps.item():
-            row["skipped_steps"] = int(self.skipped_steps.item())
+        if skipped := int(self.skipped_steps.item()):
+            row["skipped_steps"] = skipped
         return row
 
     def _evaluate(self, row: dict) -> None:

@@ -5,7 +5,6 @@ code, unlike a pickled checkpoint.
     write_safetensors(run_dir, model, cfg)        # the trainer, at the end of a run
     model, cfg = load_safetensors(run_dir)        # the GPT on the CPU, in eval mode
 """
-import json
 from pathlib import Path
 
 import torch
@@ -13,7 +12,7 @@ import torch
 from charlm.checkpoint import check_finite, check_weights_fit
 from charlm.config import Config
 from charlm.errors import CharlmError
-from charlm.io import atomic_write, atomic_write_text
+from charlm.io import atomic_write
 from charlm.model import GPT
 
 WEIGHTS, MODEL_CONFIG = "model.safetensors", "model_config.json"
@@ -35,7 +34,7 @@ def write_safetensors(out_dir: Path, model: GPT | dict, cfg: Config) -> Path:
 
     out_dir = Path(out_dir)
     atomic_write(out_dir / WEIGHTS, lambda f: f.write(save(cpu_state_dict(model), metadata={"format": "pt"})))
-    atomic_write_text(out_dir / MODEL_CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    cfg.save(out_dir / MODEL_CONFIG)
     return out_dir / WEIGHTS
 
 

@@ -49,7 +49,7 @@ def format_protocols(records: list[dict]) -> str:
     return "\n".join(f"  - {line}" for line in protocol_notes([(r["condition"], r.get("protocol")) for r in records]))
 
 
-def results_markdown(records: list[dict], reference: str, settings: dict, command: str) -> str:
+def results_markdown(records: list[dict], reference: str, table: str, settings: dict, command: str) -> str:
     flops = settings["budget_unit"] == "flops"
     unit = "training FLOPs (6(N − V·C) + 6·L·T·C per token, charlm.model)" if flops else "tokens"
     budget = f"{settings['budget']:.3g} {unit}"
@@ -59,7 +59,7 @@ def results_markdown(records: list[dict], reference: str, settings: dict, comman
 
 Dataset `{settings['dataset']}` ({settings['tokenization']}); every run trained on at most {budget}.
 
-{format_table(summarize(records, reference), reference)}
+{table}
 
 - val and test BPC: full passes over each split (charlm.eval), every character scored once, next-character loss
   only (TIPA's auxiliary loss never counts). Test BPC is the headline: the checkpoint was selected on val.
@@ -119,6 +119,7 @@ def plot_results(curves: dict[str, list[Curve]], path: Path) -> Path:
 
 def write_results(records: list[dict], reference: str, settings: dict, out_dir: Path, command: str) -> str:
     """results.md and results.png in the study folder; returns the table."""
-    atomic_write_text(out_dir / "results.md", results_markdown(records, reference, settings, command))
+    table = format_table(summarize(records, reference), reference)
+    atomic_write_text(out_dir / "results.md", results_markdown(records, reference, table, settings, command))
     plot_results(val_curves(records, out_dir), out_dir / "results.png")
-    return format_table(summarize(records, reference), reference)
+    return table

@@ -53,7 +53,7 @@ def test_help_says_how_to_run_it_on_a_gpu_and_what_comes_back():
 @pytest.mark.parametrize("argv, message", [
     (["--dry-run"], "--dry-run needs --out DIR"),
     (["--out", "x", "--budget", "10"], "--budget must be more than"),
-    (["--out", "x", "--max-memory-gb", "-1"], "--max-memory-gb must be >= 0"),
+    (["--out", "x", "--max-memory-gb", "-1"], "--max-memory-gb: must be >= 0"),
 ])
 def test_bad_flags_are_refused_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit):
