@@ -8,6 +8,7 @@
 """
 import contextlib
 import dataclasses
+import gc
 import math
 import os
 
@@ -68,7 +69,15 @@ def distributed(device_preference: str):
             dist.barrier()  # leave together: a rank that tears down while rank 0 still writes can abort (gloo)
     finally:
         if ctx.distributed:
-            dist.destroy_process_group()
+            destroy_process_group()
+
+
+def destroy_process_group() -> None:
+    """Tear the process group down with nothing left holding it. DDP sits in a reference cycle that keeps
+    its reducer, and through it the group, alive past destroy_process_group: a gloo group then freed only
+    at interpreter exit can abort the process ("terminate called without an active exception")."""
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def resolve_device(preference: str, ctx: DistContext = SINGLE_PROCESS) -> torch.device:

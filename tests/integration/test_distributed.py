@@ -107,7 +107,7 @@ def _rank_of_two(rank: int, steps: list[int], signalled: list[bool], tiny_datase
     """One rank of a 2-process gloo group: a trainer at steps[rank], signalled or not; writes what the
     ranks' agreements told it."""
     from charlm.config import resolve
-    from charlm.runtime import DistContext
+    from charlm.runtime import DistContext, destroy_process_group
     from charlm.trainer import Trainer
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=rank, world_size=2)
@@ -123,7 +123,8 @@ def _rank_of_two(rank: int, steps: list[int], signalled: list[bool], tiny_datase
     except ValueError as e:
         message = str(e)
     (tmp_path / f"rank{rank}.txt").write_text(message)
-    dist.destroy_process_group()
+    del trainer
+    destroy_process_group()
 
 
 @pytest.mark.parametrize("steps, signalled, expected", [
