@@ -6,9 +6,9 @@ import json
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -158,7 +158,7 @@ def record(bench: str, impl: str, case: dict, ms: "float | Timing | None", *, ba
         "bench": bench, "impl": impl, "baseline": baseline, "case": case, **times,
         "tflops": tflops, "gbps": gbps, "tokens_per_s": tokens_per_s, "peak_mem_gb": peak_mem_gb,
         "device": device_name(device), "commit": git_commit(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "versions": versions(), **extra,
     }
 

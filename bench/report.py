@@ -54,10 +54,10 @@ def when(row: dict) -> dt.datetime:
     return _parse_date(row["date"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parse_date(date: str) -> dt.datetime:
     time = dt.datetime.fromisoformat(date)
-    return time if time.tzinfo else time.replace(tzinfo=dt.timezone.utc)
+    return time if time.tzinfo else time.replace(tzinfo=dt.UTC)
 
 
 def case_label(case: dict) -> str:

@@ -91,7 +91,7 @@ class Run:
     def __init__(self, args: argparse.Namespace):
         self.args, self.out = args, args.out
         self.started = STARTED
-        self.run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}"
+        self.run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}"
         self.rows_path, self.history_path = self.out / "run.jsonl", self.out / "history.jsonl"
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.rows_path, "")

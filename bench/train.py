@@ -87,7 +87,8 @@ def make_trainer(data_dir: Path, out_dir: Path, variant: str, overrides: dict, i
     if impl == "baseline":  # nanoGPT's data path: np.memmap and fancy indexing on the main thread
         loader = trainer.train_loader
         trainer.train_loader = NumpyBatchLoader(data_dir, "train", cfg.batch_size, cfg.model.block_size, seed=cfg.seed,
-                                                tipa=cfg.model.tipa, tipa_max=cfg.model.tipa_max, pin_memory=loader.pin_memory)
+                                                tipa=cfg.model.tipa, tipa_max=cfg.model.tipa_max,
+                                                pin_memory=loader.pin_memory)
     return trainer
 
 

@@ -79,7 +79,7 @@ def _read_manifest_file(run_dir: Path) -> dict | None:
                 (best is not None and not _valid_entry(best, best=True)):
             raise ValueError("an entry is not {file: ckpt_<step>.pt, step, bytes, sha256}")
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        warnings.warn(f"{path} is damaged ({e}); finding the checkpoints from their files instead")
+        warnings.warn(f"{path} is damaged ({e}); finding the checkpoints from their files instead", stacklevel=2)
         return None
     return {"checkpoints": sorted(entries, key=lambda e: e["step"]), "best": best}
 
@@ -184,13 +184,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     for entry in reversed(_read_manifest(run_dir)):
         if _is_intact(run_dir, entry):
             return Path(run_dir) / entry["file"]
-        warnings.warn(f"checkpoint {Path(run_dir) / entry['file']} is missing or corrupt; trying an older one")
+        warnings.warn(f"checkpoint {Path(run_dir) / entry['file']} is missing or corrupt; trying an older one",
+                      stacklevel=2)
     return None
 
 
 def checkpoint_files(run_dir: Path) -> list[Path]:
     """Every checkpoint file in a run folder, intact or not: the training history a new run must not overwrite."""
-    return sorted(Path(run_dir).glob("ckpt_*.pt")) + ([Path(run_dir) / BEST] if (Path(run_dir) / BEST).is_file() else [])
+    best = Path(run_dir) / BEST
+    return sorted(Path(run_dir).glob("ckpt_*.pt")) + ([best] if best.is_file() else [])
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:

@@ -88,7 +88,8 @@ class Config:
     rope_theta: float = option(10000.0, "RoPE base (half-split convention)")
     zero_init: bool = option(False, "output projections (attention and MLP c_proj) start at zero")
     tipa_lambda: float = option(0.1, "weight of the TIPA cross-entropy in the training loss")
-    tipa_scope: Literal["word", "window"] = option("word", "word: position in the word; window: the report's literal mapping")
+    tipa_scope: Literal["word", "window"] = option("word", "word: position in the word; "
+                                                           "window: the report's literal mapping")
     # implementation choices (auto: the fastest correct one the device offers)
     attn: Literal["auto", "sdpa", "triton", "naive"] = option("auto", "attention implementation; auto: sdpa")
     rope_impl: Literal["auto", "torch", "triton", "fused"] = option(
@@ -140,7 +141,8 @@ class Config:
                                  "held at its final value (the cosine still ends where it ended)")
     overwrite: bool = option(False, "start over in a run folder that holds a training history (deletes its "
                                     "checkpoints and metrics)")
-    init_from: str = option("", "start from this checkpoint's weights (fine-tuning); optimizer and schedule start fresh")
+    init_from: str = option("", "start from this checkpoint's weights (fine-tuning); "
+                                "optimizer and schedule start fresh")
     plan_only: bool = option(False, "print the memory plan and exit (no GPU needed)")
     variant: str = option("base", f"comma-separated conditions: {', '.join(VARIANTS)}")
     preset: str = option("", f"a size preset applied after the variants: {', '.join(PRESETS)}")
@@ -289,16 +291,20 @@ def _range_errors(cfg: Config) -> list[str]:
         (m.n_layer > 0 and m.block_size > 0 and m.vocab_size >= 0 and m.tipa_max >= 1,
          f"n_layer ({m.n_layer}) and block_size ({m.block_size}) must be positive, vocab_size ({m.vocab_size}) "
          f"non-negative and tipa_max ({m.tipa_max}) at least 1"),
-        (cfg.rope_impl != "fused" or cfg.attn == "triton", "rope_impl fused needs attn triton (the kernel it is fused into)"),
+        (cfg.rope_impl != "fused" or cfg.attn == "triton",
+         "rope_impl fused needs attn triton (the kernel it is fused into)"),
         (cfg.rope_impl != "fused" or m.head_dim >= 32, f"rope_impl fused needs a head dim >= 32, got {m.head_dim}"),
         (_finite(cfg.rope_theta) and cfg.rope_theta > 0, f"rope_theta must be a positive number, got {cfg.rope_theta}"),
-        (_finite(cfg.tipa_lambda) and cfg.tipa_lambda >= 0, f"tipa_lambda must be a non-negative number, got {cfg.tipa_lambda}"),
+        (_finite(cfg.tipa_lambda) and cfg.tipa_lambda >= 0,
+         f"tipa_lambda must be a non-negative number, got {cfg.tipa_lambda}"),
         (cfg.batch_size > 0 and cfg.max_iters >= 0, "batch_size must be positive and max_iters non-negative"),
         (_finite(cfg.dropout) and 0.0 <= cfg.dropout < 1.0, f"dropout must be in [0, 1), got {cfg.dropout}"),
-        (cfg.micro_batch_size >= 0, f"micro_batch_size must be positive, or 0 for the planner's choice; got {cfg.micro_batch_size}"),
+        (cfg.micro_batch_size >= 0,
+         f"micro_batch_size must be positive, or 0 for the planner's choice; got {cfg.micro_batch_size}"),
         (cfg.micro_batch_size <= 0 or cfg.batch_size % cfg.micro_batch_size == 0,
          f"micro_batch_size ({cfg.micro_batch_size}) must divide batch_size ({cfg.batch_size})"),
-        (cfg.checkpoint_layers >= -1, f"checkpoint_layers must be -1 (the planner decides) or more, got {cfg.checkpoint_layers}"),
+        (cfg.checkpoint_layers >= -1,
+         f"checkpoint_layers must be -1 (the planner decides) or more, got {cfg.checkpoint_layers}"),
         (cfg.log_interval > 0 and cfg.eval_interval > 0 and cfg.eval_iters > 0,
          "log_interval, eval_interval and eval_iters must be positive"),
         (_finite(cfg.learning_rate, cfg.min_lr_ratio) and cfg.learning_rate > 0 and 0.0 <= cfg.min_lr_ratio <= 1.0
@@ -319,10 +325,13 @@ def _range_errors(cfg: Config) -> list[str]:
         (0 <= cfg.seed < 2**63, f"seed must be in [0, 2**63), got {cfg.seed}"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None,
          f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
-        (not (cfg.resume and cfg.overwrite), "resume and overwrite exclude each other: continue the run, or start it over"),
-        (cfg.eval_iters <= MAX_EVAL_ITERS, f"eval_iters must be at most {MAX_EVAL_ITERS} (an estimate on random "
-                                           f"windows; python -m charlm.eval scores every character), got {cfg.eval_iters}"),
-        (_finite(cfg.max_memory_gb) and cfg.max_memory_gb >= 0, f"max_memory_gb must be >= 0 (0: the whole card), got {cfg.max_memory_gb}"),
+        (not (cfg.resume and cfg.overwrite),
+         "resume and overwrite exclude each other: continue the run, or start it over"),
+        (cfg.eval_iters <= MAX_EVAL_ITERS,
+         f"eval_iters must be at most {MAX_EVAL_ITERS} (an estimate on random windows; python -m charlm.eval "
+         f"scores every character), got {cfg.eval_iters}"),
+        (_finite(cfg.max_memory_gb) and cfg.max_memory_gb >= 0,
+         f"max_memory_gb must be >= 0 (0: the whole card), got {cfg.max_memory_gb}"),
     ]
     return [msg for ok, msg in checks if not ok]
 

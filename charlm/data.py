@@ -191,7 +191,8 @@ def load_meta(data_dir: Path) -> dict:
         size = path.stat().st_size if path.is_file() else None
         if size != n * itemsize:
             raise DataError(f"{path}: expected {n * itemsize} bytes ({n} tokens), found "
-                            f"{'no file' if size is None else size}; prepare it again with `{prepare_command(data_dir)}`")
+                            f"{'no file' if size is None else size}; "
+                            f"prepare it again with `{prepare_command(data_dir)}`")
     return meta
 
 

@@ -186,7 +186,8 @@ def evaluate(run_dir: Path, stride: int = 0, batch_size: int = 32, device: str =
     data_dir = cfg.dataset_dir
     meta = load_meta(data_dir)
     if meta["vocab_size"] != cfg.model.vocab_size:
-        raise DataError(f"{data_dir} has vocab {meta['vocab_size']} but the model was trained on {cfg.model.vocab_size}")
+        raise DataError(f"{data_dir} has vocab {meta['vocab_size']} but the model was trained on "
+                        f"{cfg.model.vocab_size}")
     T = cfg.model.block_size
     stride = None if protocol == "full" else stride or default_stride(T)
     result = {"step": step, "stride": stride, "block_size": T, "dataset": str(data_dir)}
@@ -235,7 +236,8 @@ def _main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="windows (--protocol full: rows) per forward pass")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--checkpoint", type=Path,
-                        help="a checkpoint file, or 'best' for the one with the lowest val estimate (default: the newest)")
+                        help="a checkpoint file, or 'best' for the one with the lowest val estimate "
+                             "(default: the newest)")
     parser.add_argument("--category", default="", help="only this topic subset, as METHOD/NAME (charlm.categorize)")
     args = parser.parse_args(argv)
     with distributed(args.device) as ctx:

@@ -260,8 +260,9 @@ def _does_not_fit(cfg: Config, capacity_bytes: int, world_size: int, micro_batch
     """The error for a config whose most frugal allowed choice still does not fit, naming what would."""
     breakdown = memory_breakdown(cfg, micro_batch, layers)
     terms = ", ".join(f"{name.replace('_', ' ')} {size / GB:.2f}" for name, size in breakdown.items() if size)
-    message = (f"n_layer {cfg.model.n_layer}, n_embd {cfg.model.n_embd}, block_size {cfg.model.block_size} does not fit in "
-               f"{capacity_bytes / GB:.1f} GB per GPU: micro-batch {micro_batch} with {layers} of {cfg.model.n_layer} "
+    m = cfg.model
+    message = (f"n_layer {m.n_layer}, n_embd {m.n_embd}, block_size {m.block_size} does not fit in "
+               f"{capacity_bytes / GB:.1f} GB per GPU: micro-batch {micro_batch} with {layers} of {m.n_layer} "
                f"layers checkpointed needs a predicted {sum(breakdown.values()) / GB:.1f} GB ({terms} GB).")
     if cfg.micro_batch_size > 0 or cfg.checkpoint_layers >= 0:  # was it the user's choice that did not fit?
         try:

@@ -215,7 +215,8 @@ class GPT(nn.Module):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @classmethod
-    def from_config(cls, cfg: Config, device: torch.device | None = None, checkpoint_layers: int | None = None) -> "GPT":
+    def from_config(cls, cfg: Config, device: torch.device | None = None,
+                    checkpoint_layers: int | None = None) -> "GPT":
         """The model of a run's config, with its implementation choices resolved for `device` (and
         cfg.checkpoint_layers unless the memory plan's number is given)."""
         layers = cfg.checkpoint_layers if checkpoint_layers is None else checkpoint_layers

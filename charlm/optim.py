@@ -23,7 +23,8 @@ class MuonAdamW:
     def __init__(self, muon_params, adamw_groups: list[dict], *, muon_lr: float, muon_momentum: float,
                  weight_decay: float, lr: float, betas: tuple[float, float]):
         if not hasattr(torch.optim, "Muon"):
-            raise ValueError(f"--optimizer muon needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}")
+            raise ValueError(f"--optimizer muon needs torch.optim.Muon (torch >= 2.9); "
+                             f"this is torch {torch.__version__}")
         self.muon = torch.optim.Muon(muon_params, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay)
         self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, fused=True)
         for group in self.muon.param_groups:

@@ -1,4 +1,5 @@
-"""The command: python -m charlm.experts [flags] and python -m charlm.experts report DIR (see the package's docstring)."""
+"""The command: python -m charlm.experts [flags] and python -m charlm.experts report DIR (see the package's
+docstring)."""
 import argparse
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ def scheme_parser() -> argparse.ArgumentParser:
     scheme.add_argument("--categories", required=True,
                         help="the dataset's categorisation to use: keywords, embed, import (see charlm.categorize)")
     scheme.add_argument("--pre-iters", type=int, help="pre-training steps on the full train split")
-    scheme.add_argument("--from", dest="pre_from", type=Path, metavar="RUN", help="start from this run's newest checkpoint instead")
+    scheme.add_argument("--from", dest="pre_from", type=Path, metavar="RUN",
+                        help="start from this run's newest checkpoint instead")
     scheme.add_argument("--fine-iters", type=int, required=True, help="fine-tuning steps per category")
     scheme.add_argument("--post-iters", type=int, required=True, help="post-training steps per selected fine-tune")
     scheme.add_argument("--order", help="comma-separated categories to fine-tune on, in order (default: all, the "

@@ -191,7 +191,7 @@ def test_cli_rejects_a_foreign_checkpoint_and_another_vocabulary(tiny_dataset, t
     args = ["--preset", "tiny", "--data-root", str(root), "--out-dir", str(run), "--device", "cpu",
             "--batch-size", "8", "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1"]
     train_main(["--dataset", name, *args])
-    prepare("ab ba aab bba ".encode() * 400, root / "two-letters", "unicode", {"name": "two-letters"})
+    prepare(b"ab ba aab bba " * 400, root / "two-letters", "unicode", {"name": "two-letters"})
     with pytest.raises(SystemExit, match="vocab_size 256 does not match dataset .*two-letters"):
         train_main(["--dataset", "two-letters", "--resume", *args])
     latest = latest_checkpoint(run)

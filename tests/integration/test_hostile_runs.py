@@ -25,13 +25,13 @@ import time
 
 import pytest
 import torch
-from runs import train_args
 
 from charlm.checkpoint import best_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from charlm.data import prepare
 from charlm.eval import main as eval_main
 from charlm.sample import main as sample_main
 from charlm.train import main as train_main
+from runs import train_args
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +123,8 @@ def test_a_missing_manifest_still_guards_and_resumes(trained, tiny_dataset):
     refuses(train_main, run_args(tiny_dataset, trained), "already holds checkpoints")
     train_main(run_args(tiny_dataset, trained, "--resume", "--extend", iters=6))
     assert load_checkpoint(latest_checkpoint(trained))["step"] == 6
-    assert [json.loads(line)["step"] for line in (trained / "metrics.jsonl").read_text().splitlines()][:4] == [1, 2, 3, 4]
+    rows = (trained / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in rows][:4] == [1, 2, 3, 4]
 
 
 def test_metrics_without_checkpoints_are_history_too(tiny_dataset, tmp_path):
@@ -146,7 +147,8 @@ def test_resume_with_every_checkpoint_corrupt_refuses_and_keeps_the_history(trai
     history = (trained / "metrics.jsonl").read_text()
     for ckpt in trained.glob("ckpt_*.pt"):
         ckpt.write_bytes(b"torn")
-    refuses(train_main, run_args(tiny_dataset, trained, "--resume", "--extend", iters=6), "refusing to start over its history")
+    refuses(train_main, run_args(tiny_dataset, trained, "--resume", "--extend", iters=6),
+            "refusing to start over its history")
     assert (trained / "metrics.jsonl").read_text() == history
 
 

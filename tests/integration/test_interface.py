@@ -5,12 +5,12 @@ import subprocess
 import sys
 
 import pytest
-from runs import train_args
 
 from charlm.config import Config
 from charlm.console import format_row
 from charlm.optim import lr_at
 from charlm.train import main as train_main
+from runs import train_args
 
 pytestmark = pytest.mark.integration
 
@@ -157,7 +157,8 @@ def test_stop_at_pauses_a_run_on_its_own_schedule_and_resume_finishes_it(tiny_da
     assert (paused / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("module", ["charlm.train", "charlm.experts.__main__", "charlm.study.__main__", "charlm.__main__"])
+@pytest.mark.parametrize("module", ["charlm.train", "charlm.experts.__main__", "charlm.study.__main__",
+                                    "charlm.__main__"])
 def test_the_commands_with_training_flags_answer_help_without_loading_torch(module):
     code = (f"import sys, contextlib, io\nfrom {module} import main\n"
             "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"

@@ -184,7 +184,8 @@ def test_autotune_pruning(monkeypatch, kernel, candidates):
     assert {c.kwargs[owned] for c in kept(16)} == {shortest}
     for fused_rope in (False, True):  # D = 128: the largest tiles, and no config that spills registers
         survivors = kept(512, 128, fused_rope)
-        fits = [fa._smem_bytes(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, 128, 2, fused_rope) <= budget
+        fits = [fa._smem_bytes(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, 128, 2,
+                               fused_rope) <= budget
                 for c in survivors]
         assert survivors and (all(fits) or len(survivors) == 1)
         assert all(fa._accumulator_regs(kernel, c, 128) <= fa.MAX_ACCUMULATOR_REGS for c in survivors)
@@ -192,7 +193,7 @@ def test_autotune_pruning(monkeypatch, kernel, candidates):
                                                          c.num_stages, 64, 4, False))
     assert kept(512, dtype=torch.float32) == [smallest]  # fp32 (tests): one config, compiled in seconds
     for major, spilling in fa._SPILLING_CONFIGS.items():  # configs that spill on an architecture are not timed
-        monkeypatch.setattr(fa, "_capability_major", lambda device_index: major)
+        monkeypatch.setattr(fa, "_capability_major", lambda device_index, major=major: major)
         for (name, head_dim, fused_rope), shapes in spilling.items():
             if name == kernel:
                 survivors = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)

@@ -41,7 +41,7 @@ def _label(target, job) -> str:
 
 def test_every_kernel_shape_and_target_keeps_configs(reports):
     for target in precompile.TARGETS:
-        for T, H, D, rope in SHAPES:
+        for _, _, D, rope in SHAPES:
             for kernel in precompile.KERNELS:
                 kept = [job for (t, job) in reports
                         if t == target and (job.kernel, job.D, job.rope) == (kernel, D, rope)]

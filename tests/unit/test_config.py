@@ -14,7 +14,8 @@ def parse(argv):
 
 def test_variants_match_the_report():
     base, deep = resolve("base"), resolve("deep")
-    assert (base.model.n_layer, base.model.n_head, base.model.n_embd, base.model.block_size, base.dropout) == (16, 8, 512, 256, 0.1)
+    m = base.model
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, base.dropout) == (16, 8, 512, 256, 0.1)
     assert (deep.model.n_layer, deep.model.block_size) == (32, 512)
     assert resolve("rope").model.pos_embedding == "rope" and resolve("rope").rope_theta == 10000.0
     tipa = resolve("tipa")
@@ -30,7 +31,8 @@ def test_variants_combine_and_preset_then_flags_win():
 def test_every_field_is_a_flag():
     cfg = parse(["--variant", "deep", "--n-embd", "768", "--n-head", "12", "--no-compile", "--max-iters", "7",
                  "--learning-rate", "1e-3", "--attn", "naive"])
-    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, cfg.compile, cfg.max_iters) == (32, 768, 12, False, 7)
+    m = cfg.model
+    assert (m.n_layer, m.n_embd, m.n_head, cfg.compile, cfg.max_iters) == (32, 768, 12, False, 7)
     assert cfg.learning_rate == 1e-3 and cfg.attn == "naive"
     assert parse([]).compile is None  # unset flags keep the defaults
 

@@ -103,7 +103,9 @@ def test_window_scope(byte_data):
 
 
 def test_pure_function_of_step(byte_data):
-    make = lambda seed: NumpyBatchLoader(byte_data, "train", 8, 16, seed=seed, tipa=True)
+    def make(seed):
+        return NumpyBatchLoader(byte_data, "train", 8, 16, seed=seed, tipa=True)
+
     a, b = make(1), make(1)
     for step in (3, 0, 3):
         a.batch(step)
@@ -285,7 +287,8 @@ except OSError as e:
 resource.setrlimit(resource.RLIMIT_AS, limits)
 left = threads_now() - before
 fast = BatchLoader(sys.argv[1], "train", 4, 16, tipa=True, threads=2)
-works = [torch.equal(a, b) for a, b in zip(fast.batch(5), NumpyBatchLoader(sys.argv[1], "train", 4, 16, tipa=True).batch(5))]
+reference = NumpyBatchLoader(sys.argv[1], "train", 4, 16, tipa=True)
+works = [torch.equal(a, b) for a, b in zip(fast.batch(5), reference.batch(5))]
 print(json.dumps({"error": error, "threads_left": left, "works_after": works}))
 """
 
@@ -370,7 +373,9 @@ def test_cpp_matches_reference(request, case, threads):
 @needs_ext
 def test_cpp_loaders_shut_down_cleanly(byte_data):
     """Loaders dropped mid-prefetch join their threads at once; batches outlive their loader."""
-    threads_now = lambda: len(os.listdir("/proc/self/task"))  # the OS threads of this process (Linux)
+    def threads_now():
+        return len(os.listdir("/proc/self/task"))  # the OS threads of this process (Linux)
+
     before, kept = threads_now(), []
     for threads in (1, 2, 4) * 3:
         loader = BatchLoader(byte_data, "train", 16, 128, tipa=True, threads=threads)

@@ -117,7 +117,8 @@ def test_activation_terms_match_what_autograd_saves(overrides):
     cfg = resolve(overrides.pop("variant", "base"), **SMALL | {"attn": "sdpa"} | overrides)
     per_token = (saved_bytes(cfg, 2) - saved_bytes(cfg, 1)) / cfg.model.block_size
     k = max(cfg.checkpoint_layers, 0)
-    blocks = (cfg.model.n_layer - k) * block_bytes_per_token(cfg) + k * 4 * cfg.model.n_embd  # checkpointed: the fp32 input
+    # A checkpointed layer keeps only its fp32 input.
+    blocks = (cfg.model.n_layer - k) * block_bytes_per_token(cfg) + k * 4 * cfg.model.n_embd
     assert per_token == blocks + head_bytes_per_token(cfg)[0] + cpu_minus_cuda_bytes_per_token(cfg)
 
 
@@ -180,7 +181,8 @@ def test_more_micro_batch_needs_more_memory():
 def test_checkpointing_more_layers_needs_less_memory():
     peaks = [estimate_peak_bytes(DEEP, 8, k) for k in range(DEEP.model.n_layer)]
     assert all(later < earlier for earlier, later in zip(peaks, peaks[1:]))
-    assert memory_breakdown(DEEP, 8, DEEP.model.n_layer)["activations"] < memory_breakdown(DEEP, 8, 0)["activations"] / 4
+    checkpointed, stored = (memory_breakdown(DEEP, 8, k)["activations"] for k in (DEEP.model.n_layer, 0))
+    assert checkpointed < stored / 4
 
 
 def test_naive_attention_needs_more_than_flash_at_context_512():

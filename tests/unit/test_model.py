@@ -50,7 +50,8 @@ def test_attention_and_rope_implementations_agree(variant, kernel_device):
     results = []
     for attn, rope in IMPLS:
         torch.manual_seed(0)
-        model = GPT.from_config(tiny(variant, attn=attn, rope_impl=rope, n_embd=64, n_head=2)).to(kernel_device)  # head dim 32
+        cfg = tiny(variant, attn=attn, rope_impl=rope, n_embd=64, n_head=2)  # head dim 32
+        model = GPT.from_config(cfg).to(kernel_device)
         logits, loss, _ = model(x, y)
         results.append((logits, torch.autograd.grad(loss, list(model.parameters()))))
     (ref_logits, ref_grads), *others = results
@@ -89,7 +90,8 @@ def test_flops_per_token_formula():
     n = sum(p.numel() for p in model.parameters()) - cfg.model.block_size * cfg.model.n_embd  # without wpe
     assert model.num_params() == n
     matmul_params = n - cfg.model.vocab_size * cfg.model.n_embd  # the token embedding is a lookup
-    assert flops_per_token(cfg.model) == 6 * matmul_params + 6 * cfg.model.n_layer * cfg.model.block_size * cfg.model.n_embd
+    m = cfg.model
+    assert flops_per_token(m) == 6 * matmul_params + 6 * m.n_layer * m.block_size * m.n_embd
 
 
 def test_generate_appends_tokens_and_crops_context():
