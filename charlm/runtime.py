@@ -73,9 +73,10 @@ def distributed(device_preference: str):
 
 
 def destroy_process_group() -> None:
-    """Tear the process group down with nothing left holding it. DDP sits in a reference cycle that keeps
-    its reducer, and through it the group, alive past destroy_process_group: a gloo group then freed only
-    at interpreter exit can abort the process ("terminate called without an active exception")."""
+    """Tear the process group down with nothing left holding it. A process's first DDP model sits in a
+    reference cycle (through the frames of a lazy import in its constructor) that keeps its reducer, and
+    through it the group, alive past destroy_process_group: a gloo group then freed only at interpreter
+    exit can abort the process ("terminate called without an active exception")."""
     gc.collect()
     dist.destroy_process_group()
 
