@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+
 from corpora import make_corpus
 
 if not torch.cuda.is_available():

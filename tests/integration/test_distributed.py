@@ -76,10 +76,9 @@ def test_eval_under_torchrun_shares_the_windows_and_matches_one_process(tiny_dat
 
 
 def test_expert_scheme_under_torchrun_matches_one_process(tmp_path):
-    from corpora import make_topic_corpus
-
     from charlm.categorize import categorize
     from charlm.data import prepare
+    from corpora import make_topic_corpus
 
     order = ["Science", "Sports and Recreation"]
     prepare(make_topic_corpus(60, order)[0], tmp_path / "data" / "topics", "bytes")

@@ -6,7 +6,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from corpora import make_topic_corpus
 
 from charlm import experts
 from charlm.categorize import categorize
@@ -18,6 +17,7 @@ from charlm.experts import state as experts_state
 from charlm.experts.__main__ import main
 from charlm.protocol import describe_protocol
 from charlm.trainer import Trainer
+from corpora import make_topic_corpus
 
 pytestmark = pytest.mark.integration
 

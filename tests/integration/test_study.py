@@ -255,10 +255,9 @@ def test_tipa_bpc_counts_next_character_loss_only(tiny_dataset, tmp_path):
 @pytest.fixture(scope="module")
 def topic_dataset(tmp_path_factory):
     """(data_root, name) of a three-topic corpus with a keywords categorisation, for experts:VARIANT."""
-    from corpora import make_topic_corpus
-
     from charlm.categorize import categorize
     from charlm.data import prepare
+    from corpora import make_topic_corpus
 
     root = tmp_path_factory.mktemp("data")
     prepare(make_topic_corpus(90, ["Science", "Sports and Recreation", "Military and Warfare"])[0],

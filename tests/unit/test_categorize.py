@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-from corpora import FOOTER, HEADER, make_topic_corpus, page
 
 from charlm.categorize import CATEGORIES, FALLBACK, NAMES, categorize, embed, pick_method, summary
 from charlm.categorize.__main__ import main
@@ -15,6 +14,7 @@ from charlm.categorize.chunks import chunk_split, page_title
 from charlm.categorize.store import check_partition
 from charlm.data import DataError, category_spans, load_meta, prepare
 from charlm.loader import BatchLoader
+from corpora import FOOTER, HEADER, make_topic_corpus, page
 
 
 @pytest.fixture(scope="module")

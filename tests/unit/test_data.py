@@ -4,10 +4,10 @@ import zipfile
 
 import numpy as np
 import pytest
-from corpora import make_corpus
 
 from charlm import data
 from charlm.data import DataError, decode_tokens, encode_text, load_meta, prepare, prepare_enwik8, prepare_text
+from corpora import make_corpus
 
 
 def read_split(d, split, meta):

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from corpora import make_corpus
 
 from charlm import data, io
 from charlm.data import DataError, load_meta, prepare
 from charlm.io import LockedError, WriteError, atomic_dir, atomic_write, exclusive_lock, remove_stale_temporaries
+from corpora import make_corpus
 
 
 def snapshot(folder: Path) -> dict:
