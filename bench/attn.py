@@ -35,10 +35,9 @@ try:
 except ImportError:  # torch < 2.5
     flex_attention = None
 
-from common import ATTN_CASES, History, bench_parser, kernel_device, print_table, record, time_ms  # noqa: E402
-
 from charlm.kernels.flash_attn import flash_attn  # noqa: E402
 from charlm.kernels.rope import apply_rope  # noqa: E402
+from common import ATTN_CASES, History, bench_parser, kernel_device, print_table, record, time_ms  # noqa: E402
 
 THETA = 10000.0
 DRY_RUN_CASES = [(1, 32, 2, 32)]  # (B, T, H, D)

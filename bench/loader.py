@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import HISTORY, History, Timing, bench_parser, device_name, print_table, record, time_ms
-from report import read_history
 
 from charlm.data import load_meta
 from charlm.loader import BatchLoader, NumpyBatchLoader
 from charlm.tipa import reverse_positions, word_table
+from common import HISTORY, History, Timing, bench_parser, device_name, print_table, record, time_ms
+from report import read_history
 
 B, T, TIPA_MAX = 64, 512, 16
 STEPS_PER_CALL = 16  # batches per timed call: the medians are per block of consecutive steps

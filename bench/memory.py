@@ -32,10 +32,9 @@ import torch
 if not torch.cuda.is_available():  # the kernels' PyTorch references, as bench/train.py; read at their import
     os.environ["TRITON_INTERPRET"] = "0"
 
+from charlm.memory import GB  # noqa: E402
 from common import DEEP_HEAD_DIM, DEEP_WIDTHS, History, Timing, bench_parser, card_gb, print_table, record  # noqa: E402
 from train import make_trainer, model_case, synthetic_dataset  # noqa: E402
-
-from charlm.memory import GB  # noqa: E402
 
 WARMUP, STEPS = 2, 3  # optimizer steps: before the peak statistics are reset, and after (a dry run: 1, 1)
 TABLE_COLUMNS = ["case", "micro_batch", "checkpoint_layers", "predicted_tensors_gb", "allocated_gb",

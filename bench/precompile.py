@@ -25,8 +25,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
+from unittest import mock
 
 import torch
+
 from common import ATTN_CASES, DEEP_BLOCK_SIZE, DEEP_HEAD_DIM, DEEP_WIDTHS, bench_parser
 
 KERNELS = ("fwd", "dkdv", "dq")
@@ -174,27 +176,12 @@ def offline_compile_unavailable() -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _environment(**values: str):
-    """os.environ with these values while the block runs (processes spawned in it inherit them)."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def run_parallel(worker, jobs: list, processes: int) -> list:
     """worker(job) for every job, in job order, in fresh processes: spawned (no CUDA state carried over) and
     with TRITON_INTERPRET=0, which Triton reads as it is imported."""
     if not jobs:
         return []
-    with _environment(TRITON_INTERPRET="0"), ProcessPoolExecutor(
+    with mock.patch.dict(os.environ, TRITON_INTERPRET="0"), ProcessPoolExecutor(
             max_workers=min(processes, len(jobs)), mp_context=get_context("spawn")) as pool:
         return list(pool.map(worker, jobs))
 

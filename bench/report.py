@@ -16,9 +16,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from common import HISTORY, format_cell  # (bench/ is a folder of scripts: python puts it on sys.path)
-
 from charlm.io import atomic_write_text, pyplot, save_figure
+from common import HISTORY, format_cell  # (bench/ is a folder of scripts: python puts it on sys.path)
 
 REQUIRED = ("bench", "impl", "case", "device", "date")
 FIGURES = {"tokens_per_s": "tokens/s", "tflops": "TFLOP/s", "gbps": "GB/s", "ms": "ms"}  # plot preference order

@@ -24,9 +24,8 @@ import torch
 if not torch.cuda.is_available():  # as in tests/conftest.py: triton.jit reads this when rope is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from common import History, bench_parser, kernel_device, print_table, record, time_ms  # noqa: E402
-
 from charlm.kernels.rope import apply_rope, rope_cos_sin, rope_reference  # noqa: E402
+from common import History, bench_parser, kernel_device, print_table, record, time_ms  # noqa: E402
 
 # (name, B, T, H, D): micro-batch 16 at the BASE preset (context 256, width 512), the DEEP preset
 # (context 512) and DEEP at width 768; then DEEP's shapes at batch 256, several times an L2 cache.

@@ -60,11 +60,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # the install stage sets up.
 sys.path.append(str(ROOT))
 
+from charlm.io import atomic_write_text  # noqa: E402
 from common import HISTORY, card_gb, device_name  # noqa: E402
 from report import read_history  # noqa: E402
 from summary import STAGE_HEADER, claims, markdown_table, report_markdown, screen  # noqa: E402
-
-from charlm.io import atomic_write_text  # noqa: E402
 
 REPORT_SECONDS = 15  # kept back from the budget for the summary and report
 GPU_TEST = "tests/kernels/test_flash_attn.py::test_gpu_deep_shape_with_fused_rope"

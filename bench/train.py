@@ -36,14 +36,13 @@ import torch
 if not torch.cuda.is_available():  # the kernels' PyTorch references (see the docstring); read at their import
     os.environ["TRITON_INTERPRET"] = "0"
 
-from common import History, Timing, bench_parser, card_gb, print_table, record  # noqa: E402
-
 from charlm.config import COMPILE_MODES, resolve  # noqa: E402
 from charlm.data import prepare  # noqa: E402
 from charlm.gpu import peak_bf16_flops  # noqa: E402
 from charlm.loader import NumpyBatchLoader  # noqa: E402
 from charlm.model import flops_per_token  # noqa: E402
 from charlm.trainer import Trainer  # noqa: E402
+from common import History, Timing, bench_parser, card_gb, print_table, record  # noqa: E402
 
 # (name, variant, overrides) of the measured models.
 CASES = [

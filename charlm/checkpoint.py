@@ -215,9 +215,16 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     return state
 
 
+def finite(tensors) -> bool:
+    """Whether every element of every tensor is finite, at the cost of one host sync."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return not flags or bool(torch.stack(flags).all())
+
+
 def check_finite(state: dict, path: Path) -> dict:
     """A loaded checkpoint whose weights are all finite tensors; else a CheckpointError naming the file."""
-    if not all(torch.is_tensor(t) and torch.isfinite(t).all() for t in state["model"].values()):
+    weights = list(state["model"].values())
+    if not (all(map(torch.is_tensor, weights)) and finite(weights)):
         raise CheckpointError(f"{path}: holds non-finite weights (NaN or Inf); use an earlier checkpoint")
     return state
 
@@ -254,16 +261,13 @@ def load_compatible(path: Path, model: ModelConfig, map_location="cpu") -> dict:
     return state
 
 
-def all_finite(module: torch.nn.Module) -> bool:
-    return bool(torch.stack([torch.isfinite(p).all() for p in module.parameters()]).all())  # one host sync
-
-
 class RunCheckpoints:
     """A training run's checkpoint policy: what is saved when, what is refused, and where a run restarts."""
 
     def __init__(self, run_dir: Path, cfg: Config, is_master: bool):
         self.run_dir, self.cfg, self.is_master = Path(run_dir), cfg, is_master
         self.interval = cfg.ckpt_interval or cfg.eval_interval
+        self.saved: Path | None = None  # the checkpoint this process wrote last (rank 0)
 
     def due(self, step: int, is_last: bool) -> bool:
         return step % self.interval == 0 or is_last
@@ -276,11 +280,11 @@ class RunCheckpoints:
         run and leaves the previous checkpoint intact."""
         if not self.is_master:
             return
-        if not all_finite(model):
+        if not finite(model.parameters()):
             raise RunStopped(f"refusing to checkpoint non-finite weights at step {step}; "
                              f"the last good checkpoint is {self.latest()}")
         try:
-            save_checkpoint(self.run_dir, step, state, keep=self.cfg.keep_checkpoints)
+            self.saved = save_checkpoint(self.run_dir, step, state, keep=self.cfg.keep_checkpoints)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             raise RunStopped(f"could not write a checkpoint of step {step} to {self.run_dir} "
                              f"({str(e).splitlines()[0]}); the previous one, {self.latest()}, is intact") from e
@@ -293,8 +297,9 @@ class RunCheckpoints:
         """The checkpoint this run resumes from, or None to start at step 0. A folder that holds training
         history (checkpoints, metrics) is never started over unless cfg.overwrite says so, and --resume
         never starts over a run whose checkpoints all fail their checks."""
-        latest, files = self.latest(), checkpoint_files(self.run_dir)
+        files = checkpoint_files(self.run_dir)
         if self.cfg.resume:
+            latest = self.latest()
             if latest is None and files:
                 raise RunStopped(f"--resume: no checkpoint in {self.run_dir} is intact "
                                  f"({', '.join(p.name for p in files)}); refusing to start over its history: "

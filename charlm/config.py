@@ -374,12 +374,11 @@ def _flag_type(tp):
 
 def add_config_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
     """One flag per field; booleans get --x/--no-x. Defaults are None so that only given flags override."""
-    hints = typing.get_type_hints(ModelConfig) | typing.get_type_hints(Config)
     for f in flag_fields():
         if f.name in exclude:
             continue
         flag = "--" + f.name.replace("_", "-")
-        tp = hints[f.name]
+        tp = FIELD_TYPES[f.name]
         help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
         if _flag_type(tp) is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)

@@ -279,10 +279,15 @@ def categorisation_sha256(data_dir: Path, name: str) -> str:
     return digest.hexdigest()
 
 
+def category_names(data_dir: Path, categories: str) -> list[str]:
+    """The categories of one of the dataset's categorisations, in its order (a missing one names its command)."""
+    return [c["name"] for c in read_categories(data_dir, categories)["categories"]]
+
+
 def category_spans(data_dir: Path, category: str, split: str) -> np.ndarray:
     """Rows (start, length, category id) of one topic subset of a split; category is "<method>/<name>"."""
     method, _, name = category.partition("/")
-    names = [c["name"] for c in read_categories(data_dir, method)["categories"]]
+    names = category_names(data_dir, method)
     if name not in names:
         raise DataError(f"category {name!r} is not one of {method}'s: {', '.join(names)}")
     spans = np.load(Path(data_dir) / "categories" / method / f"spans_{split}.npy")

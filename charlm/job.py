@@ -7,6 +7,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from charlm.checkpoint import CheckpointError, RunCheckpoints, RunStopped
 from charlm.config import Config
@@ -51,4 +52,6 @@ def train(cfg: Config, ctx: DistContext = SINGLE_PROCESS) -> Trainer:
             raise RunStopped(format_oom(trainer.plan, e)) from e
         if ctx.is_master and trainer.step == cfg.max_iters:  # the final weights, not a signal's stop
             write_safetensors(trainer.run_dir, trainer.raw_model, trainer.cfg)
+        if ctx.distributed:
+            dist.barrier()  # rank 0's checkpoints and weights are on disk before any rank reads them
     return trainer

@@ -9,7 +9,7 @@ import importlib
 import numbers
 from pathlib import Path
 
-from charlm.config import Config
+from charlm.config import Config, flat_fields
 
 
 def scalars(row: dict) -> dict[str, float]:
@@ -20,7 +20,7 @@ def scalars(row: dict) -> dict[str, float]:
 
 def hyperparameters(cfg: Config) -> dict:
     """The config as flat name -> number/string/bool pairs (model fields by their flat names)."""
-    flat = {**cfg.to_dict().pop("model"), **{k: v for k, v in cfg.to_dict().items() if k not in ("model", "extra")}}
+    flat = {k: v for k, v in flat_fields(cfg.to_dict(), "config").items() if k != "extra"}
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 
 

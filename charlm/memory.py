@@ -63,6 +63,11 @@ def activation_bytes(cfg: Config) -> int:
     return 2 if uses_autocast(cfg) else 4
 
 
+def _rotates_outside(cfg: Config) -> bool:
+    """Whether q and k are rotated in copies of their own (RoPE not fused into the attention kernel)."""
+    return cfg.model.pos_embedding == "rope" and cfg.rope_impl != "fused"
+
+
 def _attention_bytes_per_token(cfg: Config) -> int:
     """What attention saves beyond q, k, v and its output, per token of one block."""
     C, H, T, act = cfg.model.n_embd, cfg.model.n_head, cfg.model.block_size, activation_bytes(cfg)
@@ -73,8 +78,7 @@ def _attention_bytes_per_token(cfg: Config) -> int:
         return H * T * (4 + act if uses_autocast(cfg) else 4)
     # Flash (SDPA, Triton): one fp32 log-sum-exp per row and head. RoPE outside the kernel makes rotated
     # copies of q and k (v stays a view); the Triton kernel rotates inside and keeps nothing extra.
-    rotates_outside = cfg.model.pos_embedding == "rope" and cfg.rope_impl != "fused"
-    return 4 * H + (2 * act * C if rotates_outside else 0)
+    return 4 * H + (2 * act * C if _rotates_outside(cfg) else 0)
 
 
 def norm_bytes_per_token(cfg: Config) -> int:
@@ -93,8 +97,7 @@ def _qk_norm_bytes_per_token(cfg: Config) -> int:
         return 0
     C, act = cfg.model.n_embd, activation_bytes(cfg)
     upcast = 2 * 4 * C if uses_autocast(cfg) else 0
-    rotates_outside = cfg.model.pos_embedding == "rope" and cfg.rope_impl != "fused"
-    return 2 * 4 * cfg.model.n_head + upcast + (0 if rotates_outside else 2 * act * C)
+    return 2 * 4 * cfg.model.n_head + upcast + (0 if _rotates_outside(cfg) else 2 * act * C)
 
 
 def mlp_bytes_per_token(cfg: Config) -> int:

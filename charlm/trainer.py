@@ -323,7 +323,8 @@ class Trainer:
         if math.isfinite(self.best_val_bpc):
             best = self.run_dir / "best.pt" if self.cfg.save_best else None
             lines.append(f"best val bpc (estimate) {self.best_val_bpc:.4f}" + (f", kept as {best}" if best else ""))
-        lines.append(f"latest checkpoint {self.checkpoints.latest()}; curves in {self.run_dir / 'curves.png'}")
+        latest = self.checkpoints.saved or self.checkpoints.latest()  # saved: the final step always checkpoints
+        lines.append(f"latest checkpoint {latest}; curves in {self.run_dir / 'curves.png'}")
         lines.append(f"next: python -m charlm.eval {self.run_dir}   (full val and test passes)")
         return "\n".join(lines)
 
@@ -337,8 +338,7 @@ class Trainer:
         self._start()
         row: dict = {}
         bar = progress(total=cfg.max_iters, initial=self.step, disable=self.quiet, unit="step")
-        until = until if until is not None else cfg.stop_at or None
-        stop = min(cfg.max_iters, until if until is not None else cfg.max_iters)
+        stop = min(cfg.max_iters, until if until is not None else (cfg.stop_at or cfg.max_iters))
         with GPUMonitor(self.device) as monitor, self._stop_on_signals(), \
                 open_logger(cfg.logger, self.run_dir, cfg, self.step, self.ctx.is_master) as logger:
             t0, steps_since, peak_reported = time.perf_counter(), 0, False

@@ -105,7 +105,7 @@ def cos_sin_table(n_positions: int, head_dim: int, theta: float, device: torch.d
                   first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """rope_cos_sin for positions first .. first + n_positions - 1 in fp32, cached: every layer asks for the
     same. Callers round n_positions up to a power of 2 so that growing lengths (generation) rebuild it
-    rarely. Shared with flash_attn's fused RoPE (first = 0)."""
+    rarely for a given first position. Shared with flash_attn's fused RoPE (first = 0)."""
     return rope_cos_sin(n_positions, head_dim, theta, first, device=device)
 
 
@@ -200,4 +200,4 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, theta: float = 10000.0,
     offset = int(offset)
     if not triton_runs_on(q.device):
         return rope_reference(q, k, theta, offset)
-    return _rope_op(q, k, float(theta), int(offset), False)
+    return _rope_op(q, k, float(theta), offset, False)

@@ -65,10 +65,6 @@ def offline_cuda_compiler() -> None:
     """Skip where Triton cannot compile kernels for CUDA targets without a GPU: a Triton build without the
     NVIDIA backend or its ptxas (wheels for other platforms). CI sets CHARLM_REQUIRE_PTXAS=1, and there
     such a machine is a failure, not a skip, so the check of the kernels' register budget always runs."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/ is a folder of scripts
     import precompile
 
     reason = precompile.offline_compile_unavailable()

@@ -30,12 +30,12 @@ def token_ids(text: str, meta: dict) -> np.ndarray | None:
         return None
 
 
-def find_all(tokens: np.ndarray, text: str, meta: dict) -> np.ndarray:
-    """Token offsets where `text` occurs in a token array."""
+def find_all(tokens: np.ndarray, text: str, meta: dict, haystack: bytes) -> np.ndarray:
+    """Token offsets where `text` occurs in a token array (haystack: the array's bytes, copied once)."""
     ids = token_ids(text, meta)
     if ids is None:
         return np.zeros(0, dtype=np.int64)
-    needle, haystack, itemsize = ids.astype(tokens.dtype).tobytes(), tokens.tobytes(), tokens.dtype.itemsize
+    needle, itemsize = ids.astype(tokens.dtype).tobytes(), tokens.dtype.itemsize
     hits, i = [], haystack.find(needle)
     while i >= 0:
         aligned = i % itemsize == 0  # a match starting inside a uint16 token is no match
@@ -49,7 +49,8 @@ def page_bounds(tokens: np.ndarray, meta: dict, newlines: np.ndarray) -> tuple[n
     """(starts, ends) of pages: the start of each line holding `<page>`, the end of each holding `</page>`."""
     line_starts = np.concatenate([[0], newlines + 1])  # line k starts at line_starts[k]
     line_ends = np.concatenate([newlines + 1, [len(tokens)]])  # and ends (newline included) at line_ends[k]
-    opens, closes = find_all(tokens, "<page>", meta), find_all(tokens, "</page>", meta)
+    haystack = tokens.tobytes()
+    opens, closes = find_all(tokens, "<page>", meta, haystack), find_all(tokens, "</page>", meta, haystack)
     return line_starts[np.searchsorted(newlines, opens)], line_ends[np.searchsorted(newlines, closes)]
 
 
@@ -66,7 +67,7 @@ def cut_long(start: int, end: int, newlines: np.ndarray, max_chunk: int) -> list
 
 
 def text_of(tokens: np.ndarray, start: int, length: int, meta: dict) -> str:
-    """The text of tokens[start:start + length] (as plain ints: decoding a memmap element by element is slow)."""
+    """The text of tokens[start:start + length]."""
     return decode_tokens(tokens[start:start + length], meta)
 
 

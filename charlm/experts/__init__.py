@@ -37,9 +37,9 @@ import importlib
 # Reading order: scheme (the stages and the checks before any training), state (scheme.json), report (report.md
 # and the fine-tuning curves), run (training, evaluating and recording the stages), __main__ (the command).
 # The names are loaded on first use: `python -m charlm.experts --help` should not wait for torch.
-_NAMES = {"Scheme": "scheme", "SchemeError": "scheme", "Stage": "scheme", "category_names": "scheme",
-          "check_subsets": "scheme", "checkpoint_step": "scheme", "parse_order": "scheme", "read_state": "state",
-          "run_scheme": "run", "write_report": "report"}
+_NAMES = {"Scheme": "scheme", "SchemeError": "scheme", "Stage": "scheme", "check_subsets": "scheme",
+          "checkpoint_step": "scheme", "parse_order": "scheme", "read_state": "state", "run_scheme": "run",
+          "write_report": "report"}
 __all__ = list(_NAMES)
 
 

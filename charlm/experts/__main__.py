@@ -33,11 +33,10 @@ def scheme_parser() -> argparse.ArgumentParser:
 def build_scheme(args: argparse.Namespace):
     """The scheme of the command line, every argument checked before any training."""
     # Imported here, as in _main: --help and argument errors should not wait for torch to load.
-    from charlm.data import with_dataset
+    from charlm.data import category_names, with_dataset
     from charlm.experts.scheme import (
         Scheme,
         SchemeError,
-        category_names,
         check_subsets,
         checkpoint_step,
         parse_order,

@@ -1,8 +1,6 @@
 """Running the scheme: every stage trained (or skipped, or resumed), evaluated and recorded, in order."""
 from pathlib import Path
 
-import torch.distributed as dist
-
 from charlm.checkpoint import latest_checkpoint
 from charlm.eval import evaluate
 from charlm.experts.report import write_report
@@ -21,17 +19,16 @@ def run_stage(scheme: Scheme, state: dict, stage: Stage, init: Path | None, ctx:
     record.update(kind=stage.kind, category=stage.category, iters=stage.iters, steps_total=stage.steps_total,
                   dir=str(run_dir) if run_dir == scheme.pre_from else stage.name)
     if init is not None:
-        if latest_checkpoint(run_dir) is not None and record.get("init_from") not in (None, checkpoint_sha256(init)):
+        init_sha = checkpoint_sha256(init)
+        if latest_checkpoint(run_dir) is not None and record.get("init_from") not in (None, init_sha):
             raise SchemeError(f"{run_dir} was trained from other weights than those now in {init}, which has been "
                               f"retrained since: delete {run_dir} (and the stages after it) to redo it")
-        record["init_from"] = checkpoint_sha256(init)
+        record["init_from"] = init_sha
     final = final_checkpoint(run_dir, stage.iters)
     if final is None:
         save_state(scheme, state, ctx)  # which weights the stage starts from is on disk before it trains
         ctx.print(f"\n=== {stage.name}: {stage.iters} steps" + (f" from {init}" if init else ""), flush=True)
         train(scheme.stage_config(stage, init), ctx)
-        if ctx.distributed:
-            dist.barrier()  # rank 0's last checkpoint is on disk for every rank
         final = final_checkpoint(run_dir, stage.iters)
         if final is None:  # stopped by a signal, its checkpoint saved
             raise SchemeError(f"{stage.name} stopped before step {stage.iters}; run the same command again "
@@ -46,7 +43,8 @@ def run_stage(scheme: Scheme, state: dict, stage: Stage, init: Path | None, ctx:
 def evaluate_stage(scheme: Scheme, stage: Stage, record: dict, checkpoint: Path, ctx: DistContext) -> None:
     """Full-pass val and test BPC of the stage's final checkpoint, and for a fine-tune or a post-train, BPC
     on its category's val subset; kept in the record, and not redone while the checkpoint stays the same."""
-    if record.get("evaluated") == checkpoint_sha256(checkpoint):
+    sha = checkpoint_sha256(checkpoint)
+    if record.get("evaluated") == sha:
         return
     run_dir, device = scheme.stage_dir(stage), scheme.base.device
     save = run_dir != scheme.pre_from  # a --from run's own eval.json (another stride, say) stays as it was
@@ -56,7 +54,7 @@ def evaluate_stage(scheme: Scheme, stage: Stage, record: dict, checkpoint: Path,
         subset = evaluate(run_dir, device=device, splits=("val",), checkpoint=checkpoint,
                           category=f"{scheme.categories}/{stage.category}", ctx=ctx, save=save)
         record["subset_val_bpc"] = subset["val_bpc"]
-    record["evaluated"] = checkpoint_sha256(checkpoint)
+    record["evaluated"] = sha
     ctx.print(f"=== {stage.name}: val bpc {full['val_bpc']:.4f}, test bpc {full['test_bpc']:.4f}"
               + (f", {stage.category} val subset bpc {record['subset_val_bpc']:.4f}" if stage.category else ""))
 

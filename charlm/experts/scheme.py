@@ -6,7 +6,7 @@ from pathlib import Path
 from charlm.categorize import category_slug
 from charlm.checkpoint import checkpoint_entry, latest_checkpoint
 from charlm.config import Config
-from charlm.data import category_spans, read_categories
+from charlm.data import category_spans
 from charlm.errors import CharlmError
 
 
@@ -81,11 +81,6 @@ def pretrained_checkpoint(run_dir: Path, base: Config) -> Path:
         raise SchemeError(f"--from {run_dir}: its model does not fit this config ({'; '.join(mismatched)}); "
                           f"pass the --variant, --preset and model flags it was trained with")
     return path
-
-
-def category_names(data_dir: Path, categories: str) -> list[str]:
-    """The categories of one of the dataset's categorisations, in its order (a missing one names its command)."""
-    return [c["name"] for c in read_categories(data_dir, categories)["categories"]]
 
 
 def parse_order(order: str | None, names: list[str]) -> list[str]:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from charlm.config import Config
 from charlm.data import DataError, dataset_fingerprint, load_meta
+from charlm.eval import eval_filename
 from charlm.weights import ExportError
 
 TOKENIZER = "charlm_tokenizer.json"
@@ -39,7 +40,7 @@ def tokenizer_table(meta: dict | None) -> dict:
 
 def read_eval(run_dir: Path) -> dict | None:
     """RUN/eval.json (charlm.eval's BPC), or None when the run was not evaluated."""
-    path = Path(run_dir) / "eval.json"
+    path = Path(run_dir) / eval_filename()
     if not path.is_file():
         return None
     try:

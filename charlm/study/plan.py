@@ -4,9 +4,9 @@ import math
 from pathlib import Path
 
 from charlm.config import Config, resolve
-from charlm.data import DataError, load_meta, prepare_command, with_dataset
+from charlm.data import DataError, category_names, load_meta, prepare_command, with_dataset
 from charlm.errors import CharlmError
-from charlm.experts import Scheme, category_names, check_subsets, parse_order
+from charlm.experts import Scheme, check_subsets, parse_order
 from charlm.model import flops_per_token, parameter_counts, position_parameters
 from charlm.study import EXPERTS_CATEGORIES, EXPERTS_SPLIT
 
@@ -15,7 +15,6 @@ from charlm.study import EXPERTS_CATEGORIES, EXPERTS_SPLIT
 FLOPS_PER_TOKEN = "6 (N - V C) + 6 L T C"
 EXPERTS_PREFIX = "experts:"  # `experts:VARIANT` conditions come from charlm.experts
 UNITS = {"flops": "FLOPs", "tokens": "tokens"}  # --budget-unit, as printed
-# experts:VARIANT: shares of a run's steps for pre-training, all fine-tunes together, and post-training
 
 
 class StudyError(CharlmError, ValueError):

@@ -94,8 +94,6 @@ def train_and_evaluate(c: Condition, seed: int, out_dir: Path, ctx: DistContext,
     trainer = train(run_config(c, seed, out_dir), ctx)  # a finished run returns at once
     if trainer.step < c.steps:  # stopped by a signal; its checkpoint is saved
         raise StudyError(f"{run} stopped at step {trainer.step} of {c.steps}; run the same command again to resume")
-    if ctx.distributed:
-        dist.barrier()  # rank 0's checkpoints are on disk for every rank
     checkpoint = reported_checkpoint(run)
     result = evaluate(run, batch_size=eval_batch_size, device=c.cfg.device, checkpoint=checkpoint.path, ctx=ctx)
     if checkpoint.selection == FINAL and result["step"] != c.steps:

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).parents[2] / "bench"
-sys.path.insert(0, str(BENCH))  # bench/ is a folder of scripts
 
 pytestmark = pytest.mark.integration
 

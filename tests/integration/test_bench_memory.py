@@ -2,17 +2,13 @@
 statistics, and history rows written the moment they are measured."""
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+import common
 from charlm import memory
 from charlm.memory import GB
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # bench/ is a folder of scripts
-import common  # noqa: E402
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+import run_all
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))  # bench/ is a folder of scripts
-import run_all  # noqa: E402
 
 STAGES = [name for name, _, _ in run_all.STAGES]
 

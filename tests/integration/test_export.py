@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import transformers  # a dev dependency: CI has it, so these tests never skip
 
 from charlm.checkpoint import CheckpointError, save_best, save_checkpoint
 from charlm.config import Config, resolve
@@ -19,7 +20,6 @@ from charlm.kernels import rope
 from charlm.model import GPT
 from charlm.weights import MODEL_CONFIG, WEIGHTS, ExportError, load_safetensors, write_safetensors
 
-transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.integration
 
 HF_FILES = {"config.json", "model.safetensors", TOKENIZER, "README.md"}

@@ -9,13 +9,10 @@ configs are the pruner's for each target's card (flash_attn.kept_configs). The c
 processes (about a minute on 2 cores).
 """
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # bench/ is a folder of scripts
-import precompile  # noqa: E402
+import precompile
 
 pytestmark = pytest.mark.integration
 SHAPES = [(T, H, D, rope) for _, T, H, D in precompile.ATTN_CASES for rope in (False, True)]

@@ -1,13 +1,11 @@
 """bench/report.py on a synthetic history: latest rows, same-run baseline ratios, malformed lines, plots."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # bench/ is not a package
-import common  # noqa: E402
-import report  # noqa: E402
+import common
+import report
 
 CASE = {"B": 8, "T": 512, "H": 8, "D": 64, "dtype": "bfloat16", "pass": "fwd+bwd"}
 DEVICES = ("NVIDIA A100-SXM4-40GB", "NVIDIA H100 80GB HBM3")

@@ -1,13 +1,10 @@
 """bench/summary.py on a synthetic GPU run's rows: each claim's figure, its same-run baseline, the ratio and
 the verdict; a claim whose stage left no rows reads "no data"."""
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # bench/ is a folder of scripts
-import common  # noqa: E402
-import summary  # noqa: E402
+import common
+import summary
 
 DEVICE = "NVIDIA H200"
 
