@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from corpora import make_corpus
+from corpora import THREE_TOPICS, make_corpus, make_topic_corpus
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -37,6 +37,18 @@ def tiny_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     prepare(make_corpus(200_000), root / "tiny", "bytes", {"name": "tiny"})
     return root, "tiny"
+
+
+@pytest.fixture(scope="session")
+def topic_dataset(tmp_path_factory):
+    """(data_root, name) of a prepared corpus on the three THREE_TOPICS, with a keywords categorisation."""
+    from charlm.categorize import categorize
+    from charlm.data import prepare
+
+    root = tmp_path_factory.mktemp("data")
+    prepare(make_topic_corpus(90, THREE_TOPICS)[0], root / "topics", "bytes")
+    categorize(root / "topics", "keywords")
+    return root, "topics"
 
 
 @pytest.fixture

@@ -65,6 +65,9 @@ def page(title: str, sentences: list[str], page_id: int) -> str:
             f"[[Category:{title}]]</text>\n    </revision>\n  </page>\n")
 
 
+THREE_TOPICS = ["Science", "Sports and Recreation", "Military and Warfare"]  # topic_dataset's categories
+
+
 def make_topic_corpus(n_pages: int = 120, topics: list[str] | None = None, seed: int = 0) -> tuple[bytes, dict]:
     """An enwik8-like dump (header, pages, footer) whose pages cycle through the topics; also {title: topic}."""
     rng = random.Random(seed)

@@ -8,44 +8,32 @@ import pytest
 import torch
 
 from charlm import experts
-from charlm.categorize import categorize
 from charlm.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint
-from charlm.data import prepare
 from charlm.eval import spans_bpc, split_bpc
 from charlm.experts import run as experts_run
 from charlm.experts import state as experts_state
 from charlm.experts.__main__ import main
 from charlm.protocol import describe_protocol
 from charlm.trainer import Trainer
-from corpora import make_topic_corpus
+from corpora import THREE_TOPICS
 
 pytestmark = pytest.mark.integration
 
-ORDER = ["Science", "Sports and Recreation", "Military and Warfare"]
 TINY = ["--preset", "tiny", "--batch-size", "8", "--eval-iters", "2", "--log-interval", "1", "--device", "cpu",
         "--no-compile"]
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """(data_root, name) of a prepared three-topic corpus with a keywords categorisation."""
-    root = tmp_path_factory.mktemp("data")
-    prepare(make_topic_corpus(90, ORDER)[0], root / "topics", "bytes")
-    categorize(root / "topics", "keywords")
-    return root, "topics"
-
-
-def scheme_args(dataset, out_dir, *extra, order=ORDER, iters=("--pre-iters", "4")):
-    root, name = dataset
+def scheme_args(topic_dataset, out_dir, *extra, order=THREE_TOPICS, iters=("--pre-iters", "4")):
+    root, name = topic_dataset
     return ["--dataset", name, "--data-root", str(root), "--categories", "keywords", *TINY, *iters,
             "--fine-iters", "2", "--post-iters", "2", "--order", ",".join(order), "--out-dir", str(out_dir), *extra]
 
 
 @pytest.fixture(scope="module")
-def finished(dataset, tmp_path_factory):
+def finished(topic_dataset, tmp_path_factory):
     """A scheme run to the end: pre 4 steps, 3 fine-tunes of 2, post 2 from the top 2, control 8."""
     out = tmp_path_factory.mktemp("runs") / "scheme"
-    main(scheme_args(dataset, out))
+    main(scheme_args(topic_dataset, out))
     return out
 
 
@@ -130,15 +118,16 @@ def test_the_fine_tuning_curves_follow_steps_from_scratch(finished, drawn):
         assert list(val_y) == [r["val_bpc"] for r in rows if "val_bpc" in r] and val_y  # the global val estimates
 
 
-def test_a_finished_scheme_reruns_without_training(finished, dataset, monkeypatch):
+def test_a_finished_scheme_reruns_without_training(finished, topic_dataset, monkeypatch):
     monkeypatch.setattr(experts_run, "train", lambda cfg: pytest.fail(f"retrained {cfg.out_dir}"))
     monkeypatch.setattr(experts_run, "evaluate", lambda *a, **k: pytest.fail("re-evaluated"))
-    main(scheme_args(dataset, finished))
+    main(scheme_args(topic_dataset, finished))
 
 
-def test_an_interrupted_scheme_resumes_where_it_stopped(finished, dataset, tmp_path, monkeypatch, capsys):
+def test_an_interrupted_scheme_resumes_where_it_stopped(finished, topic_dataset, tmp_path, monkeypatch, capsys):
     out = tmp_path / "scheme"
-    args = scheme_args(dataset, out, "--top-k", "1", order=ORDER[:2], iters=("--from", str(finished / "pre")))
+    args = scheme_args(topic_dataset, out, "--top-k", "1", order=THREE_TOPICS[:2],
+                       iters=("--from", str(finished / "pre")))
     real_train = experts_run.train
     from_eval = (finished / "pre" / "eval.json").stat().st_mtime_ns
 
@@ -170,7 +159,7 @@ def test_an_interrupted_scheme_resumes_where_it_stopped(finished, dataset, tmp_p
     assert (finished / "pre" / "eval.json").stat().st_mtime_ns == from_eval
 
 
-def test_a_retrained_stage_makes_the_later_ones_stale(finished, dataset, tmp_path):
+def test_a_retrained_stage_makes_the_later_ones_stale(finished, topic_dataset, tmp_path):
     out = tmp_path / "scheme"
     shutil.copytree(finished, out)  # a copied scheme folder still resumes
     first = out / "fine/01-science"
@@ -178,7 +167,7 @@ def test_a_retrained_stage_makes_the_later_ones_stale(finished, dataset, tmp_pat
     state["model"] = {k: v + 0.01 for k, v in state["model"].items()}  # as if retrained to other weights
     save_checkpoint(first, state.pop("step"), state)
     with pytest.raises(SystemExit, match="fine/02-sports-and-recreation was trained from other weights"):
-        main(scheme_args(dataset, out))
+        main(scheme_args(topic_dataset, out))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -190,32 +179,32 @@ def test_a_retrained_stage_makes_the_later_ones_stale(finished, dataset, tmp_pat
     (["--from", "nowhere"], "give either --pre-iters"),
     (["--categories", "embed"], "python -m charlm.categorize topics --data-root .* --method embed"),
 ])
-def test_bad_arguments_fail_before_training(dataset, tmp_path, monkeypatch, change, message):
+def test_bad_arguments_fail_before_training(topic_dataset, tmp_path, monkeypatch, change, message):
     monkeypatch.setattr(experts_run, "train", lambda cfg, d: pytest.fail("trained"))
     with pytest.raises(SystemExit, match=message):
-        main(scheme_args(dataset, tmp_path / "scheme") + change)
+        main(scheme_args(topic_dataset, tmp_path / "scheme") + change)
     assert not (tmp_path / "scheme").exists()
 
 
-def test_other_settings_or_another_model_are_refused(finished, dataset, tmp_path, monkeypatch):
+def test_other_settings_or_another_model_are_refused(finished, topic_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(experts_run, "train", lambda cfg, d: pytest.fail("trained"))
     with pytest.raises(SystemExit, match="fine_iters: 2 then, 3 now"):
-        main(scheme_args(dataset, finished) + ["--fine-iters", "3"])
+        main(scheme_args(topic_dataset, finished) + ["--fine-iters", "3"])
     with pytest.raises(SystemExit, match="n_embd is 64 there and 32 here"):
-        main(scheme_args(dataset, tmp_path / "s", "--n-embd", "32", iters=("--from", str(finished / "pre"))))
+        main(scheme_args(topic_dataset, tmp_path / "s", "--n-embd", "32", iters=("--from", str(finished / "pre"))))
 
 
-def test_a_redone_categorisation_is_refused(finished, dataset, monkeypatch):
+def test_a_redone_categorisation_is_refused(finished, topic_dataset, monkeypatch):
     """Subsets sorted anew (another model or lexicon) under the same name would mix two schemes."""
     monkeypatch.setattr(experts_run, "train", lambda cfg, d: pytest.fail("trained"))
     monkeypatch.setattr(experts_state, "categorisation_sha256", lambda data_dir, name: "0" * 64)
     with pytest.raises(SystemExit, match=f"categories_sha256: '[0-9a-f]{{64}}' then, '{'0' * 64}' now"):
-        main(scheme_args(dataset, finished))
+        main(scheme_args(topic_dataset, finished))
 
 
-def test_subset_bpc_scores_each_span_as_a_document_of_its_own(finished, dataset):
+def test_subset_bpc_scores_each_span_as_a_document_of_its_own(finished, topic_dataset):
     model, cfg, _ = load_model(finished / "pre", torch.device("cpu"))
-    tokens = np.fromfile(dataset[0] / dataset[1] / "val.bin", dtype=np.uint8)
+    tokens = np.fromfile(topic_dataset[0] / topic_dataset[1] / "val.bin", dtype=np.uint8)
     args = (cfg.model.block_size, cfg.model.block_size, 16, torch.device("cpu"), contextlib.nullcontext())
     whole = split_bpc(model, tokens, *args)
     assert spans_bpc(model, tokens, np.array([[0, len(tokens), 0]]), *args) == pytest.approx(whole)

@@ -19,6 +19,7 @@ Every refusal is one `error: ...` line naming the file or flag, and a non-zero e
 import json
 import math
 import pickle
+import shutil
 import subprocess
 import sys
 import time
@@ -40,11 +41,17 @@ def run_args(tiny_dataset, run, *extra, iters=4):
     return train_args(tiny_dataset, run, *extra, iters=iters, keep_checkpoints=5)
 
 
-@pytest.fixture
-def trained(tiny_dataset, tmp_path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained_once(tiny_dataset, tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "run"
     train_main(run_args(tiny_dataset, run))
     return run
+
+
+@pytest.fixture
+def trained(trained_once, tmp_path):
+    """A finished 4-step run of this test's own (a copy: runs train in the folder named, wherever they moved)."""
+    return shutil.copytree(trained_once, tmp_path / "run")
 
 
 def refuses(main, argv, message):

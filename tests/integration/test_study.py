@@ -252,20 +252,6 @@ def test_tipa_bpc_counts_next_character_loss_only(tiny_dataset, tmp_path):
     assert stats.describe_statistics("tipa") in (out / "results.md").read_text()  # the one reference: tipa
 
 
-@pytest.fixture(scope="module")
-def topic_dataset(tmp_path_factory):
-    """(data_root, name) of a three-topic corpus with a keywords categorisation, for experts:VARIANT."""
-    from charlm.categorize import categorize
-    from charlm.data import prepare
-    from corpora import make_topic_corpus
-
-    root = tmp_path_factory.mktemp("data")
-    prepare(make_topic_corpus(90, ["Science", "Sports and Recreation", "Military and Warfare"])[0],
-            root / "topics", "bytes")
-    categorize(root / "topics", "keywords")
-    return root, "topics"
-
-
 @pytest.mark.integration
 def test_experts_rows_come_from_the_scheme_at_equal_compute(topic_dataset, tmp_path, capsys):
     out = tmp_path / "study"
